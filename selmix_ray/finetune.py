@@ -190,4 +190,12 @@ def _config_problems(c: dict[str, Any], *, skip: set[str] = frozenset()) -> list
         for key, v in params.items():
             if key in OBJECTIVE_PARAMS and not finite(v):
                 problems.append(f"objective_params[{key!r}] must be a finite number, but got {v!r}.")
+        if not problems and isinstance(c["objective"], str) and ":" not in c["objective"]:
+            # the objective checks its name and which parameters it accepts (custom ones are imported later)
+            from .objectives import get_objective
+
+            try:
+                get_objective(c["objective"], **params)
+            except ConfigError as error:
+                problems += error.problems
     return problems
