@@ -250,7 +250,8 @@ def _mixed_softmax_contraction(A: np.ndarray, T: np.ndarray, mix: float) -> np.n
     out += E1 @ scaled.T  # sum_l E1_il (1 - m) T_jl E2_jl
     del scaled, E1, E2
     small = normaliser.min(axis=1) < _UNDERFLOW_GUARD
-    out /= normaliser
+    with np.errstate(divide="ignore", invalid="ignore"):  # rows with an underflowed normaliser are redone
+        out /= normaliser
     for i in np.flatnonzero(small):  # extreme logit gaps: the factorised normaliser underflowed
         out[i] = _mixed_softmax_row(A, T, mix, i)
     return out
