@@ -70,7 +70,9 @@ def loop_gain(counts, Z, W, b, objective, *, lambda_min, form, train_bias, jacob
     D = np.zeros((K, K))
     for k in range(K):
         for m in range(K):
-            D[k, m] = sum(dM[k, l] * C_hat[k, l] * ((l == m) - C_hat[k, m] / prior[k]) for l in range(K))
+            D[k, m] = sum(
+                dM[k, col] * C_hat[k, col] * ((col == m) - C_hat[k, m] / prior[k]) for col in range(K)
+            )
     G = np.zeros((K, K))
     for i in range(K):
         for j in range(K):
