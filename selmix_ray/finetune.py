@@ -7,19 +7,40 @@
     every step:                draw pairs from P, mix, one SGD step on the head (cosine schedule)
     step 0, every eval_every:  evaluate validation and test, report, checkpoint
 
+At a step where both happen, the refresh comes first (sharing the validation pass), so a report's
+``p_entropy``/``p_max``/``g_max`` describe the P in force from that step on. ``report(metrics)`` is called
+with the scalars, then ``checkpoint(state)`` with a :class:`FinetuneState` that resumes exactly.
+
+Memory: the FeatureSet's arrays are wrapped with ``torch.from_numpy`` and never written or copied on the
+host; each SGD batch is gathered and converted to float32 (float16 caches stay float16). On CUDA the
+arrays are moved to the device once, in their stored dtype. Evaluation runs in chunks.
+
 Importing this module needs numpy, torch and scipy only (no Ray, Optuna or pyarrow).
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+import numpy as np
+import torch
 
-__all__ = ["FinetuneConfig"]
+from .constants import METRIC_NAMES, SCORE_KEY, STEP_KEY
+from .errors import ConfigError, DataError, TrainingError
+from .featureset import FeatureSet
+from .gain import class_centroids, gain_matrix
+from .metrics import confusion_counts, joint_confusion, summarize
+from .mixup import mix, needs_maps, targets
+from .objectives import get_objective
+from .sampling import PairSampler, distribution_stats, pair_distribution
+
+__all__ = ["FinetuneConfig", "FinetuneState", "History", "Trainer", "finetune", "finetune_repeats"]
 
 METHODS = ("selmix", "uniform_mixup", "erm")
 GAIN_SCALES = ("max", "none")
@@ -51,7 +72,7 @@ class FinetuneConfig:
     lr: float = 1.0  # learning rate; relative to mean ||z||^2 of the train features when lr_scale=feature_norm
     lr_scale: str = "feature_norm"  # feature_norm: optimiser lr = lr / mean ||z||^2 | none: lr as given
     momentum: float = 0.0  # SGD momentum, in [0, 1)
-    weight_decay: float = 5e-4  # SGD L2 weight decay on the head
+    weight_decay: float = 5e-4  # SGD L2 weight decay on the head (weight and trained bias)
     batch_size: int = 64  # pairs (or instances for erm) per SGD step
     steps: int = 2000  # SGD steps of the trial; a multiple of eval_every
     refresh_every: int = 10  # steps between gain / P / pseudo-label refreshes
@@ -192,10 +213,566 @@ def _config_problems(c: dict[str, Any], *, skip: set[str] = frozenset()) -> list
                 problems.append(f"objective_params[{key!r}] must be a finite number, but got {v!r}.")
         if not problems and isinstance(c["objective"], str) and ":" not in c["objective"]:
             # the objective checks its name and which parameters it accepts (custom ones are imported later)
-            from .objectives import get_objective
-
             try:
                 get_objective(c["objective"], **params)
             except ConfigError as error:
                 problems += error.problems
     return problems
+
+
+# -- history and state -------------------------------------------------------------------------------
+
+
+@dataclass
+class History:
+    """What a trial reports, readable without torch (``to_json``/``from_json``).
+
+    Attributes:
+        records: one dict per report: ``{"step": int, "metrics": {key: float}, "val": split, "test":
+            split}`` (plus ``"val_raw"``, ``"test_raw"`` with a post-hoc correction), where a split is
+            ``{"recall": [K floats], "counts": [[row, col, count], ...]}`` (the nonzero confusion
+            entries; rows = true class; cross-fitted validation counts may be fractional).
+        best_p: (K, K) float32, the pair distribution P in force at the best report so far (None for
+            ``erm`` or before the first report).
+        best_step: the step of the best report so far (the one ``test_at_best/*`` come from).
+        meta: config, n_classes, the effective learning rate and the device.
+    """
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    best_p: np.ndarray | None = None
+    best_step: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> list[dict[str, float]]:
+        """The reported scalars, one dict per report."""
+        return [record["metrics"] for record in self.records]
+
+    def confusion(self, index: int = -1, split: str = "val") -> np.ndarray:
+        """Dense (K, K) confusion counts of report ``index`` for ``split`` (val, test, val_raw, test_raw)."""
+        K = int(self.meta["n_classes"])
+        dense = np.zeros((K, K))
+        for row, col, count in self.records[index][split]["counts"]:
+            dense[row, col] = count
+        return dense
+
+    def to_json(self) -> str:
+        best_p = None
+        if self.best_p is not None:
+            p = np.ascontiguousarray(self.best_p, dtype=np.float32)
+            best_p = {"dtype": "float32", "shape": list(p.shape), "base64": base64.b64encode(p.tobytes()).decode()}
+        return json.dumps(
+            {"records": self.records, "best_p": best_p, "best_step": self.best_step, "meta": self.meta}
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> History:
+        data = json.loads(text)
+        best_p = data.get("best_p")
+        if best_p is not None:
+            raw = base64.b64decode(best_p["base64"])
+            best_p = np.frombuffer(raw, dtype=np.float32).reshape(best_p["shape"]).copy()
+        return cls(records=data["records"], best_p=best_p, best_step=data.get("best_step"),
+                   meta=data.get("meta", {}))
+
+
+@dataclass
+class FinetuneState:
+    """Everything needed to resume a trial exactly where a report left it.
+
+    ``save`` writes plain data (tensors, lists, strings) that ``torch.load(weights_only=True)`` accepts.
+    """
+
+    step: int  # SGD steps done (the step of the last report)
+    refreshed_at: int  # step of the last refresh (-1: none yet)
+    weight: torch.Tensor  # (K, d) float32 head weight, on CPU
+    bias: torch.Tensor  # (K,) float32 head bias, on CPU
+    velocity: dict  # SGD momentum buffers {"weight": (K, d), "bias": (K,)} float32, on CPU
+    numpy_rng: dict  # numpy bit generator state (pairs, partners, erm instances)
+    torch_rng: torch.Tensor  # torch.Generator state (mixing weights, boxes)
+    objective: dict  # the objective's multipliers (state_dict)
+    pseudo_labels: np.ndarray | None  # (n_unlabeled,) int64, -1 below the confidence threshold
+    pair_distribution: np.ndarray | None  # (K, K) float64, the P in force
+    diagnostics: dict  # p_entropy, p_max, g_max of that P
+    history: History
+    config: dict  # FinetuneConfig.to_dict() of the run that wrote it
+
+    def save(self, path) -> None:
+        def tensor(array):
+            return None if array is None else torch.from_numpy(np.array(array))
+
+        torch.save(
+            {
+                "step": self.step,
+                "refreshed_at": self.refreshed_at,
+                "weight": self.weight,
+                "bias": self.bias,
+                "velocity": self.velocity,
+                "numpy_rng": json.dumps(self.numpy_rng),
+                "torch_rng": self.torch_rng,
+                "objective": json.dumps(self.objective),
+                "pseudo_labels": tensor(self.pseudo_labels),
+                "pair_distribution": tensor(self.pair_distribution),
+                "diagnostics": dict(self.diagnostics),
+                "history": self.history.to_json(),
+                "config": json.dumps(self.config),
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path) -> FinetuneState:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+
+        def array(value):
+            return None if value is None else value.numpy()
+
+        return cls(
+            step=int(data["step"]),
+            refreshed_at=int(data["refreshed_at"]),
+            weight=data["weight"],
+            bias=data["bias"],
+            velocity=data["velocity"],
+            numpy_rng=json.loads(data["numpy_rng"]),
+            torch_rng=data["torch_rng"],
+            objective=json.loads(data["objective"]),
+            pseudo_labels=array(data["pseudo_labels"]),
+            pair_distribution=array(data["pair_distribution"]),
+            diagnostics=dict(data["diagnostics"]),
+            history=History.from_json(data["history"]),
+            config=json.loads(data["config"]),
+        )
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+
+EVAL_CHUNK = 8192  # rows per evaluation chunk (bounds the (chunk, K) logits in memory)
+
+
+class Trainer:
+    """One trial's head, optimiser, sampler and history; ``run_until(step)`` advances it report by report.
+
+    Args:
+        features: the FeatureSet (numpy arrays, never written).
+        config: the trial's :class:`FinetuneConfig`.
+        state: a :class:`FinetuneState` to resume from (same config apart from ``device``).
+    """
+
+    def __init__(self, features: FeatureSet, config: FinetuneConfig, *, state: FinetuneState | None = None):
+        from .objectives import get_objective
+        self.features, self.config = features, config
+        self.K = K = features.n_classes
+        self.device = _resolve_device(config.device)
+        self.uses_pairs = config.method != "erm"
+        self.uses_maps = self.uses_pairs and needs_maps(config.mixup)
+        if self.uses_maps and not features.has_maps:
+            raise ConfigError(
+                f"mixup {config.mixup!r} needs spatial maps, but this FeatureSet has none; build the features "
+                "with keep_maps=True or use mixup='feature'."
+            )
+        self.train_counts = features.train_counts
+        self.objective = get_objective(config.objective, train_counts=self.train_counts, **config.objective_params)
+        self.scorer = get_objective(config.objective, train_counts=self.train_counts, **config.objective_params)
+        self.floor = 1.0 / (K + 1) if config.floor is None else config.floor
+
+        # Shared read-only arrays as tensors (no host copy; one device copy on CUDA).
+        self.train_y = np.asarray(features.train.y, dtype=np.int64)
+        self.train_x = _tensor(features.train.x, self.device)
+        self.train_maps = _tensor(features.train.maps, self.device) if self.uses_maps else None
+        self.val_x, self.test_x = _tensor(features.val.x, self.device), _tensor(features.test.x, self.device)
+        pool = features.unlabeled if self.uses_pairs and features.unlabeled is not None and len(features.unlabeled) else None
+        self.pool_x = None if pool is None else _tensor(pool.x, self.device)
+        self.pool_maps = _tensor(pool.maps, self.device) if pool is not None and self.uses_maps else None
+        self.centroids = class_centroids(features.val.x, features.val.y, K) if config.method == "selmix" else None
+
+        self.lr = config.lr
+        if config.lr_scale == "feature_norm":
+            self.lr = config.lr / _mean_squared_norm(self.train_x)
+        # The head and its SGD momentum buffers (explicit gradients: no autograd, no torch.optim).
+        self.weight = torch.tensor(np.asarray(features.weight), dtype=torch.float32, device=self.device)  # (K, d)
+        self.bias = torch.tensor(np.asarray(features.bias), dtype=torch.float32, device=self.device)  # (K,)
+        self.velocity = {"weight": torch.zeros_like(self.weight), "bias": torch.zeros_like(self.bias)}
+        self.rng = np.random.default_rng(config.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.sampler = PairSampler(self.train_y, n_classes=K, rng=self.rng) if self.uses_pairs else None
+
+        self.step = 0
+        self.refreshed_at = -1
+        self.pseudo_labels: np.ndarray | None = None
+        self.P: np.ndarray | None = None
+        self.diagnostics = {"p_entropy": math.nan, "p_max": math.nan, "g_max": math.nan}
+        self.history = History(meta={"config": config.to_dict(), "n_classes": K, "lr_effective": self.lr,
+                                     "device": str(self.device)})
+        self._val_cache: tuple[int, Any] | None = None  # (step, validation outputs) shared within a step
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._loss_since = 0
+        if state is not None:
+            self._load(state)
+
+    # -- public ----------------------------------------------------------------------------------
+
+    def pending_report_steps(self) -> list[int]:
+        """Report steps not reported yet: 0, eval_every, ..., steps."""
+        done = self.history.records[-1]["step"] if self.history.records else -1
+        return [t for t in range(0, self.config.steps + 1, self.config.eval_every) if t > done]
+
+    def run_until(self, target: int) -> dict[str, float]:
+        """Train up to step ``target`` (a pending report step), refreshing on the way; returns its report."""
+        if target not in self.pending_report_steps():
+            raise ValueError(f"step {target} is not a pending report step; pending: {self.pending_report_steps()}.")
+        config = self.config
+        while True:
+            due = self.step % config.refresh_every == 0 and self.refreshed_at != self.step
+            if due and (self.step < config.steps or self.step == 0):
+                self._refresh()
+            if self.step == target:
+                break
+            self._train_step()
+            self.step += 1
+        return self._report()
+
+    def state(self) -> FinetuneState:
+        """A snapshot that resumes this trial exactly (CPU copies)."""
+        return FinetuneState(
+            step=self.step,
+            refreshed_at=self.refreshed_at,
+            weight=self.weight.cpu().clone(),
+            bias=self.bias.cpu().clone(),
+            velocity={name: v.cpu().clone() for name, v in self.velocity.items()},
+            numpy_rng=self.rng.bit_generator.state,
+            torch_rng=self.generator.get_state(),
+            objective=self.objective.state_dict(),
+            pseudo_labels=None if self.pseudo_labels is None else self.pseudo_labels.copy(),
+            pair_distribution=None if self.P is None else self.P.copy(),
+            diagnostics=dict(self.diagnostics),
+            history=History.from_json(self.history.to_json()),
+            config=self.config.to_dict(),
+        )
+
+    # -- steps of the loop -------------------------------------------------------------------------
+
+    def _train_step(self) -> None:
+        """One SGD step on a mixed batch (or a plain batch for erm), cosine learning rate over ``steps``."""
+        config, B = self.config, self.config.batch_size
+        if config.method == "erm":
+            index = self.rng.integers(0, len(self.train_y), size=B)
+            z = _rows(self.train_x, index, self.device).float()  # (B, d)
+            labels = torch.from_numpy(self.train_y[index]).to(self.device)
+            target = torch.nn.functional.one_hot(labels, self.K).float()  # (B, K)
+        else:
+            batch = self.sampler.sample(B)
+            train, pool = (self.train_maps, self.pool_maps) if self.uses_maps else (self.train_x, self.pool_x)
+            a = _rows(train, batch.anchor_index, self.device).float()  # (B, d) or (B, C, H, W)
+            b = _partners(train, pool, batch.partner_index, batch.partner_from_pool, self.device)
+            lam = config.lambda_min + (1.0 - config.lambda_min) * torch.rand(
+                B, generator=self.generator, device=self.device
+            )
+            mixed, lam_eff = mix(config.mixup, a, b, lam, generator=self.generator)
+            z = mixed.mean(dim=(2, 3)) if self.uses_maps else mixed  # head = global pool + linear
+            pairs = torch.from_numpy(batch.pairs).to(self.device)
+            target = targets(config.mixup, pairs[:, 0], pairs[:, 1], lam_eff, self.K).float()  # (B, K)
+
+        # Cross-entropy with (soft) targets and its exact gradient: dloss/dlogits = (softmax - target) / B.
+        log_probs = torch.log_softmax(torch.nn.functional.linear(z, self.weight, self.bias), dim=1)  # (B, K)
+        self._loss_sum += -(target * log_probs).sum() / B
+        residual = (log_probs.exp() - target) / B  # (B, K)
+        grads = {"weight": residual.T @ z, "bias": residual.sum(dim=0)}
+        lr = self.lr * 0.5 * (1.0 + math.cos(math.pi * self.step / config.steps))
+        for name, param in (("weight", self.weight), ("bias", self.bias)):
+            if name == "bias" and not config.train_bias:
+                continue
+            grad = grads[name] + config.weight_decay * param  # SGD as torch.optim.SGD (dampening 0)
+            velocity = self.velocity[name].mul_(config.momentum).add_(grad)
+            param.sub_(lr * velocity)
+
+    def _refresh(self) -> None:
+        """Validation confusion -> multipliers -> gain -> P, and pseudo-labels of the pool."""
+        self._check_finite()
+        config, K = self.config, self.K
+        if config.method == "selmix":
+            C = joint_confusion(confusion_counts(self.features.val.y, self._val_predictions(), K))
+            self.objective.update(C)
+            weight = self.weight.detach().cpu().double().numpy()
+            bias = self.bias.detach().cpu().double().numpy()
+            G = gain_matrix(
+                C, self.centroids, weight, bias, self.objective, lambda_min=config.lambda_min,
+                form=config.gain_form, train_bias=config.train_bias, jacobian=config.jacobian,
+                target="soft" if config.mixup == "feature_soft" else "hard",
+            )
+            self.P = pair_distribution(G, s=config.s, positive_only=config.positive_only, floor=self.floor,
+                                       normalize=config.gain_scale == "max")
+            self.diagnostics = {**distribution_stats(self.P), "g_max": float(G.max())}
+        elif config.method == "uniform_mixup" and self.P is None:
+            self.P = np.full((K, K), 1.0 / (K * K))
+            self.diagnostics = {**distribution_stats(self.P), "g_max": math.nan}
+        if self.pool_x is not None:
+            predictions, confidence = self._pool_predictions()
+            self.pseudo_labels = np.where(confidence >= config.pseudo_label_threshold, predictions, -1)
+        self._install_sampler()
+        self.refreshed_at = self.step
+
+    def _report(self) -> dict[str, float]:
+        """Evaluate validation and test, update the best-so-far, append a record; returns the scalars."""
+        self._check_finite()
+        config, K = self.config, self.K
+        val_y, test_y = self.features.val.y, self.features.test.y
+        splits = {}
+        if config.posthoc == "none":
+            splits["val"] = confusion_counts(val_y, self._val_predictions(), K)
+            splits["test"] = confusion_counts(test_y, _predict(self.test_x, self.weight, self.bias), K)
+        else:
+            from .posthoc import cross_fitted_confusion, fit_correction
+
+            val_logits = self._val_logits()
+            test_logits = _logits(self.test_x, self.weight, self.bias)
+            splits["val_raw"] = confusion_counts(val_y, val_logits.argmax(axis=1), K)
+            splits["test_raw"] = confusion_counts(test_y, test_logits.argmax(axis=1), K)
+
+            def fresh_objective():  # post-hoc fitting must not touch the training multipliers
+                return get_objective(config.objective, train_counts=self.train_counts, **config.objective_params)
+
+            splits["val"] = cross_fitted_confusion(
+                config.posthoc, val_logits, val_y, fresh_objective(), train_counts=self.train_counts,
+                n_classes=K, seed=config.seed,
+            )
+            correction = fit_correction(config.posthoc, val_logits, val_y, fresh_objective(),
+                                        train_counts=self.train_counts)
+            splits["test"] = confusion_counts(test_y, correction.apply(test_logits).argmax(axis=1), K)
+
+        metrics: dict[str, float] = {STEP_KEY: float(self.step)}
+        record: dict[str, Any] = {"step": self.step, "metrics": metrics}
+        for name in ("val", "test", "val_raw", "test_raw"):
+            if name not in splits:
+                continue
+            summary = summarize(splits[name], train_counts=self.train_counts, objective=self.scorer)
+            prefix = name.replace("_raw", "/raw")
+            for m in METRIC_NAMES:
+                metrics[f"{prefix}/{m}"] = float(summary[m])
+            record[name] = {"recall": summary["recall"].tolist(), "counts": _sparse(splits[name])}
+
+        best = self._best_record()
+        if best is None or metrics["val/objective"] > best["metrics"]["val/objective"]:
+            best = record
+            self.history.best_p = None if self.P is None else self.P.astype(np.float32)
+            self.history.best_step = self.step
+        metrics[SCORE_KEY] = best["metrics"]["val/objective"]
+        for m in METRIC_NAMES:
+            metrics[f"test_at_best/{m}"] = best["metrics"][f"test/{m}"]
+        metrics.update(self.diagnostics)
+        self.history.records.append(record)
+        return dict(metrics)
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _best_record(self) -> dict | None:
+        best = None
+        for record in self.history.records:  # the first report that reached the best value
+            if best is None or record["metrics"]["val/objective"] > best["metrics"]["val/objective"]:
+                best = record
+        return best
+
+    def _val_logits(self) -> np.ndarray:
+        """(n_val, K) float32 logits of the current head, computed once per step (refresh and report)."""
+        if self._val_cache is None or self._val_cache[0] != self.step:
+            self._val_cache = (self.step, _logits(self.val_x, self.weight, self.bias))
+        return self._val_cache[1]
+
+    def _val_predictions(self) -> np.ndarray:
+        return self._val_logits().argmax(axis=1)
+
+    def _pool_predictions(self) -> tuple[np.ndarray, np.ndarray]:
+        """Arg-max class (m,) and its softmax probability (m,) on the unlabeled pool, by chunks."""
+        predictions, confidence = [], []
+        with torch.no_grad():
+            for start in range(0, self.pool_x.shape[0], EVAL_CHUNK):
+                logits = torch.nn.functional.linear(self.pool_x[start:start + EVAL_CHUNK].float(), self.weight,
+                                                    self.bias)
+                top = torch.softmax(logits, dim=1).max(dim=1)
+                predictions.append(top.indices.cpu().numpy())
+                confidence.append(top.values.cpu().numpy())
+        return np.concatenate(predictions), np.concatenate(confidence)
+
+    def _install_sampler(self) -> None:
+        if self.sampler is None:
+            return
+        if self.pool_x is not None:
+            self.sampler.set_pool_labels(self.pseudo_labels)
+        if self.P is not None:
+            self.sampler.set_distribution(self.P)
+
+    def _check_finite(self) -> None:
+        """Raise TrainingError if a loss since the last check or the head is NaN/inf."""
+        loss = float(self._loss_sum)
+        if not math.isfinite(loss) or not bool(torch.isfinite(self.weight).all() and torch.isfinite(self.bias).all()):
+            raise TrainingError(
+                f"Training diverged: the loss or the head became NaN/inf between steps {self._loss_since} and "
+                f"{self.step} (lr={self.config.lr}, effective lr={self.lr:.3g}, method={self.config.method!r}). "
+                "Lower lr, keep lr_scale='feature_norm', or check the features for NaN/inf."
+            )
+        self._loss_sum.zero_()
+        self._loss_since = self.step
+
+    def _load(self, state: FinetuneState) -> None:
+        mine = {k: v for k, v in self.config.to_dict().items() if k != "device"}
+        theirs = {k: v for k, v in state.config.items() if k != "device"}
+        if mine != theirs:
+            changed = sorted(k for k in mine if mine.get(k) != theirs.get(k))
+            raise ConfigError(
+                f"Cannot resume: the state was saved with a different config (fields {', '.join(changed)} differ). "
+                "Resume with the config that wrote the state."
+            )
+        if tuple(state.weight.shape) != tuple(self.weight.shape):
+            raise DataError(
+                f"Cannot resume: the state's head has shape {tuple(state.weight.shape)}, these features need "
+                f"{tuple(self.weight.shape)}."
+            )
+        self.weight.copy_(state.weight)
+        self.bias.copy_(state.bias)
+        for name, velocity in self.velocity.items():
+            velocity.copy_(state.velocity[name])
+        self.rng.bit_generator.state = state.numpy_rng
+        self.generator.set_state(state.torch_rng)
+        self.objective.load_state_dict(state.objective)
+        self.step, self.refreshed_at = state.step, state.refreshed_at
+        self.pseudo_labels = None if state.pseudo_labels is None else np.asarray(state.pseudo_labels)
+        self.P = None if state.pair_distribution is None else np.asarray(state.pair_distribution)
+        self.diagnostics = dict(state.diagnostics)
+        self.history = History.from_json(state.history.to_json())
+        self._loss_since = self.step
+        self._install_sampler()
+
+
+def finetune(
+    features: FeatureSet,
+    config: FinetuneConfig,
+    *,
+    report=None,
+    checkpoint=None,
+    state: FinetuneState | None = None,
+) -> History:
+    """Run one trial (SPEC.md section 7) and return its History.
+
+    Args:
+        features: a FeatureSet (e.g. ``FeatureSet.from_object_store(...)``; arrays are only read).
+        config: the trial's FinetuneConfig.
+        report: ``report(metrics: dict[str, float])`` at step 0, every ``eval_every`` steps and the end.
+        checkpoint: ``checkpoint(state: FinetuneState)``, called right after each report.
+        state: resume from this state (written by a run with the same config).
+    """
+    trainer = Trainer(features, config, state=state)
+    for step in trainer.pending_report_steps():
+        metrics = trainer.run_until(step)
+        if report is not None:
+            report(metrics)
+        if checkpoint is not None:
+            checkpoint(trainer.state())
+    return trainer.history
+
+
+def finetune_repeats(
+    features: FeatureSet,
+    config: FinetuneConfig,
+    *,
+    repeats: int,
+    report=None,
+    checkpoint=None,
+    state: list[FinetuneState] | None = None,
+) -> list[History]:
+    """Train ``repeats`` copies with seeds seed, ..., seed + repeats - 1 in lockstep.
+
+    ``report`` receives the mean of each scalar over the copies; ``checkpoint`` the list of the copies'
+    states (pass it back as ``state`` to resume). Returns each copy's History.
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"repeats must be an integer >= 1, but got {repeats=}.")
+    states = list(state) if state is not None else [None] * repeats
+    if len(states) != repeats:
+        raise ConfigError(f"state holds {len(states)} copies, but {repeats=}; resume with the same repeats.")
+    trainers = [
+        Trainer(features, dataclasses.replace(config, seed=config.seed + r), state=states[r]) for r in range(repeats)
+    ]
+    for step in trainers[0].pending_report_steps():
+        reports = [trainer.run_until(step) for trainer in trainers]
+        mean = {key: float(np.mean([r[key] for r in reports])) for key in reports[0]}
+        if report is not None:
+            report(mean)
+        if checkpoint is not None:
+            checkpoint([trainer.state() for trainer in trainers])
+    return [trainer.history for trainer in trainers]
+
+
+# -- tensors -----------------------------------------------------------------------------------------
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for, but CUDA is not available; use device='auto' or 'cpu'.")
+    return torch.device(name)
+
+
+def _tensor(array: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
+    """Wrap a (possibly read-only) numpy array without copying; on CUDA, one copy onto the device."""
+    if array is None:
+        return None
+    with warnings.catch_warnings():  # read-only shared memory: we never write to it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(np.asarray(array))
+    return tensor if device.type == "cpu" else tensor.to(device)
+
+
+def _rows(x: torch.Tensor, index: np.ndarray, device: torch.device) -> torch.Tensor:
+    """x[index] (a copy of the batch only), on ``device``."""
+    return x[torch.from_numpy(np.asarray(index, dtype=np.int64)).to(x.device)].to(device)
+
+
+def _partners(train, pool, index, from_pool, device) -> torch.Tensor:
+    """Partner rows (B, ...) float32: from the pool where ``from_pool``, else from the labeled set."""
+    if pool is None or not from_pool.any():
+        return _rows(train, index, device).float()
+    out = torch.empty((len(index),) + tuple(train.shape[1:]), dtype=torch.float32, device=device)
+    mask = torch.from_numpy(from_pool).to(device)
+    out[mask] = _rows(pool, index[from_pool], device).float()
+    out[~mask] = _rows(train, index[~from_pool], device).float()
+    return out
+
+
+def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> np.ndarray:
+    """(n, K) float32 numpy logits of the head, computed by chunks."""
+    with torch.no_grad():
+        parts = [torch.nn.functional.linear(x[s:s + EVAL_CHUNK].float(), weight, bias).cpu()
+                 for s in range(0, x.shape[0], EVAL_CHUNK)]
+    return torch.cat(parts).numpy()
+
+
+def _predict(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> np.ndarray:
+    """(n,) arg-max class of the head, by chunks (never holds all (n, K) logits)."""
+    with torch.no_grad():
+        parts = [torch.nn.functional.linear(x[s:s + EVAL_CHUNK].float(), weight, bias).argmax(dim=1).cpu()
+                 for s in range(0, x.shape[0], EVAL_CHUNK)]
+    return torch.cat(parts).numpy()
+
+
+def _mean_squared_norm(x: torch.Tensor) -> float:
+    """mean ||z||^2 over the rows of x (float64, by chunks)."""
+    total = 0.0
+    for s in range(0, x.shape[0], EVAL_CHUNK):
+        total += float((x[s:s + EVAL_CHUNK].double() ** 2).sum())
+    mean = total / max(x.shape[0], 1)
+    if not mean > 0 or not math.isfinite(mean):
+        raise DataError(
+            f"lr_scale='feature_norm' needs a finite positive mean squared feature norm, but got {mean!r}; "
+            "check the training features or use lr_scale='none'."
+        )
+    return mean
+
+
+def _sparse(counts: np.ndarray) -> list[list]:
+    """Nonzero entries of a (K, K) confusion as [row, col, count] (ints where the counts are integral)."""
+    counts = np.asarray(counts)
+    rows, cols = np.nonzero(counts)
+    values = counts[rows, cols]
+    integral = np.all(values == np.round(values))
+    cast = int if integral else float
+    return [[int(r), int(c), cast(v)] for r, c, v in zip(rows, cols, values)]
