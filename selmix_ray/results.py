@@ -1,0 +1,701 @@
+"""Read experiment directories without Ray: trials, the best one, baselines, re-ranking, per-class views.
+
+An experiment directory (SPEC.md section 8) is what ``search`` writes under ``<storage>/<name>/``: Ray
+Tune's files (one folder per trial with ``params.json``, ``result.json`` and ``checkpoint_XXXXXX/``
+folders holding the trial's history), the manifest, the Optuna journal and ``baselines.json``. Everything
+here reads those files only, so it works with Ray stopped and on a sweep that is still running or was
+interrupted (a half-written line or checkpoint is skipped, never trusted).
+
+    run = load_run("results/demo")
+    run.df                      # one row per Tune trial (pandas); run.table is the same as a pyarrow Table
+    run.best                    # the trial with the highest val/best_objective (the selection rule)
+    run.rerank("gmean")         # every trial scored by another objective from its stored confusion counts
+    run.per_class([...])        # per-class recall side by side, head/tail band, difference from a reference
+    compare(["results/a", "results/b"], objective="gmean").to_string(top=10)
+
+Status of a trial: ``complete`` (reached ``steps``), ``pruned`` (stopped early by the scheduler),
+``errored`` (failed for good) or ``running`` (still running, pending, or cut off by an interruption).
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .constants import (
+    BASELINES_FILE,
+    HISTORY_FILE,
+    JOURNAL_FILE,
+    MANIFEST_FILE,
+    METRIC_NAMES,
+    SCORE_KEY,
+    STEP_KEY,
+)
+from .errors import ExperimentError, SelMixError
+from .metrics import head_mask, joint_confusion, metric_values
+
+__all__ = ["Run", "Comparison", "TrialHistory", "load_run", "compare", "STATUSES"]
+
+STATUSES = ("complete", "pruned", "errored", "running")
+TEST_AT_BEST = tuple(f"test_at_best/{m}" for m in METRIC_NAMES)
+_TUNE_RUNNING = {"RUNNING", "PENDING", "PAUSED"}
+
+
+@dataclass
+class TrialHistory:
+    """A trial's stored history (the JSON of ``finetune.History``), read without torch.
+
+    ``copies`` holds one history dict per repeat (one without repeats); each has ``records`` (one per
+    report: ``{"step", "metrics", "val": {"recall", "counts"}, "test": {...}}``), ``best_p``, ``best_step``
+    and ``meta``.
+    """
+
+    trial_id: str
+    copies: list[dict[str, Any]]
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.copies[0]["meta"]["n_classes"])
+
+    @property
+    def steps(self) -> list[int]:
+        return [int(r["step"]) for r in self.copies[0]["records"]]
+
+    @property
+    def best_step(self) -> int | None:
+        return self.copies[0].get("best_step")
+
+    def confusion(self, index: int, split: str = "val", copy: int = 0) -> np.ndarray:
+        """Dense (K, K) confusion counts of report ``index`` (rows = true class)."""
+        K = self.n_classes
+        dense = np.zeros((K, K))
+        for row, col, count in self.copies[copy]["records"][index][split]["counts"]:
+            dense[row, col] = count
+        return dense
+
+    def recall(self, index: int, split: str = "test") -> np.ndarray:
+        """(K,) per-class recall of report ``index``, averaged over repeats."""
+        return np.mean([np.asarray(c["records"][index][split]["recall"], dtype=float) for c in self.copies],
+                       axis=0)
+
+    def index_of_step(self, step: int) -> int:
+        for index, s in enumerate(self.steps):
+            if s == step:
+                return index
+        raise ExperimentError(f"trial {self.trial_id} has no report at step {step}; it has {self.steps}.")
+
+    def best_p(self) -> np.ndarray | None:
+        """(K, K) float32 pair distribution in force at the best report (first copy), or None."""
+        p = self.copies[0].get("best_p")
+        if p is None:
+            return None
+        return np.frombuffer(base64.b64decode(p["base64"]), dtype=np.float32).reshape(p["shape"]).copy()
+
+    @property
+    def train_counts(self) -> np.ndarray | None:
+        counts = self.copies[0].get("meta", {}).get("train_counts")
+        return None if counts is None else np.asarray(counts)
+
+
+@dataclass
+class Run:
+    """One experiment directory, read from disk. Build it with :func:`load_run`."""
+
+    path: Path
+    manifest: dict[str, Any]
+    trial_rows: list[dict[str, Any]]
+    trial_dirs: dict[str, Path]
+    baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    # -- what the sweep was ---------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name") or self.path.name)
+
+    @property
+    def objectives(self) -> list[str]:
+        space = self.manifest.get("space") or {}
+        if "objectives" in space:
+            return list(space["objectives"])
+        if "objective" in space:
+            return [space["objective"]]
+        names = self.manifest.get("objectives") or [self.manifest.get("objective", "min_recall")]
+        return list(names)
+
+    @property
+    def objective(self) -> str:
+        """The objective trials trained for and ``val/best_objective`` measures."""
+        return self.objectives[0]
+
+    @property
+    def is_multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def objective_params(self) -> dict[str, Any]:
+        return dict(((self.manifest.get("space") or {}).get("fixed") or {}).get("objective_params") or {})
+
+    # -- tables ---------------------------------------------------------------------------------------
+
+    @cached_property
+    def df(self):
+        """pandas DataFrame, one row per Tune trial (baselines are in :attr:`baselines_df`)."""
+        import pandas as pd
+
+        extra = [m for m in self.manifest.get("metrics") or [] if m != SCORE_KEY]
+        columns = ["trial_id", "status", "steps_reached", "steps", "wall_time_s", "start_time",
+                   "num_failures", SCORE_KEY, *extra, *TEST_AT_BEST]
+        df = pd.DataFrame(self.trial_rows)
+        for column in columns:
+            if column not in df:
+                df[column] = pd.Series(dtype=float)
+        config_columns = sorted(c for c in df.columns if c.startswith("config/"))
+        df = df[columns + config_columns]
+        return df.sort_values("start_time", kind="stable").reset_index(drop=True)
+
+    @property
+    def table(self):
+        """The trials as a pyarrow Table (same columns as :attr:`df`)."""
+        import pyarrow as pa
+
+        return pa.Table.from_pandas(self.df, preserve_index=False)
+
+    @property
+    def baselines_df(self):
+        """pandas DataFrame, one row per baseline of ``baselines.json`` (``kind`` = "baseline")."""
+        import pandas as pd
+
+        rows = [_baseline_row(name, record) for name, record in self.baselines.items()]
+        return pd.DataFrame(rows, columns=["name", "kind", SCORE_KEY, *TEST_AT_BEST]) if not rows else \
+            pd.DataFrame(rows)
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """The trial with the highest ``val/best_objective`` (ties: the earliest), as a row dict."""
+        df = self.df[self.df[SCORE_KEY].notna()]
+        if df.empty:
+            return None
+        return df.loc[df[SCORE_KEY].idxmax()].to_dict()
+
+    def config(self, trial_id: str) -> dict[str, Any]:
+        """The trial's Tune config (sampled values and the space's fixed values)."""
+        return _read_json(self._trial_dir(trial_id) / "params.json", what="trial parameters")
+
+    # -- histories, re-ranking, per-class -------------------------------------------------------------
+
+    def history(self, trial_id: str) -> TrialHistory:
+        """The history stored in the trial's latest checkpoint."""
+        folder = self._trial_dir(trial_id)
+        text = _latest_history_text(folder)
+        if text is None:
+            raise ExperimentError(
+                f"trial {trial_id} has no checkpoint with {HISTORY_FILE} yet (folder {folder}); it has not "
+                "reported, or it was written by something other than selmix-ray's trainable."
+            )
+        data = json.loads(text)
+        copies = data if isinstance(data, list) else [data]
+        return TrialHistory(trial_id=trial_id, copies=copies)
+
+    def train_counts(self) -> np.ndarray | None:
+        """(K,) training counts per class (defines head and tail), if the experiment recorded them."""
+        for source in (self.manifest, *self.baselines.values()):
+            if isinstance(source, dict) and source.get("train_counts") is not None:
+                return np.asarray(source["train_counts"])
+        for trial_id in self.trial_dirs:
+            try:
+                counts = self.history(trial_id).train_counts
+            except ExperimentError:
+                continue
+            if counts is not None:
+                return counts
+        return None
+
+    def rerank(self, objective: str | None = None, **objective_params):
+        """Score every trial under ``objective`` from its stored validation confusion counts.
+
+        For each trial: the objective's value at every report (mean over repeats), the best so far
+        (``val/best_<objective>``), its step, and the test metrics at that report
+        (``test_at_best/<metric>``, plus ``test_at_best/<objective>``). No retraining. Sorted best first.
+        Without ``objective`` the sweep's own objective (then ``val/best_<objective>`` reproduces the
+        reported ``val/best_objective``).
+        """
+        import pandas as pd
+
+        from .objectives import get_objective
+
+        objective = objective or self.objective
+        if not objective_params and objective == self.objective:
+            objective_params = self.objective_params
+        train_counts = self.train_counts()
+        if train_counts is None and "head_tail" in objective:
+            raise ExperimentError(
+                f"cannot re-rank {self.path} by {objective!r}: it needs the training class counts (head/tail), "
+                f"and the experiment recorded none (manifest, {BASELINES_FILE} or history meta 'train_counts')."
+            )
+        scorer = get_objective(objective, train_counts=train_counts, **objective_params)
+        rows = []
+        for trial_id in self.df["trial_id"]:
+            try:
+                history = self.history(trial_id)
+            except ExperimentError:
+                continue
+            rows.append({"trial_id": trial_id, **_rescore(history, scorer, objective, train_counts)})
+        columns = ["trial_id", f"val/best_{objective}", "best_step", *TEST_AT_BEST]
+        if f"test_at_best/{objective}" not in columns:
+            columns.insert(3, f"test_at_best/{objective}")
+        df = pd.DataFrame(rows, columns=columns)
+        return df.sort_values(f"val/best_{objective}", ascending=False, kind="stable").reset_index(drop=True)
+
+    def per_class(self, trial_ids: list[str] | None = None, *, reference: str | None = None,
+                  split: str = "test", top: int = 3):
+        """Per-class recall (at each trial's best report) side by side, with head/tail bands.
+
+        Args:
+            trial_ids: trials to show (default: the ``top`` best by ``val/best_objective``).
+            reference: a trial id or a baseline name the differences are taken from (default: the
+                "start" baseline (the starting head) if there is one, else the first trial shown).
+            split: "test" or "val".
+
+        Returns:
+            DataFrame indexed by class with columns ``band`` (head/tail), ``train_count``, one recall
+            column per trial / reference, and ``<label> - <reference>`` differences.
+        """
+        import pandas as pd
+
+        if trial_ids is None:
+            ranked = self.df[self.df[SCORE_KEY].notna()].sort_values(SCORE_KEY, ascending=False, kind="stable")
+            trial_ids = list(ranked["trial_id"][:top])
+        columns: dict[str, np.ndarray] = {}
+        for trial_id in trial_ids:
+            history = self.history(trial_id)
+            index = history.index_of_step(history.best_step) if history.best_step is not None else -1
+            columns[trial_id] = history.recall(index, split)
+        if reference is None:
+            reference = next((n for n in ("starting_head", "start", "start_head") if n in self.baselines),
+                             trial_ids[0] if trial_ids else None)
+        if reference is not None and reference not in columns:
+            columns = {reference: self._recall_of(reference, split), **columns}
+        if not columns:
+            raise ExperimentError(f"{self.path} has no trial with a history to show per class.")
+        K = len(next(iter(columns.values())))
+        counts = self.train_counts()
+        df = pd.DataFrame(index=pd.RangeIndex(K, name="class"))
+        df["band"] = np.where(head_mask(counts, K), "head", "tail")
+        df["train_count"] = counts if counts is not None else np.nan
+        for label, recall in columns.items():
+            df[label] = recall
+        for label in columns:
+            if label != reference:
+                df[f"{label} - {reference}"] = df[label] - df[reference]
+        return df
+
+    def importance(self) -> dict[str, float]:
+        """Parameter importance (fANOVA-like, Optuna's default) from the study in the journal. Slow on
+        large studies; needs Optuna (imported here)."""
+        import optuna
+
+        journal = self.path / JOURNAL_FILE
+        if not journal.is_file():
+            raise ExperimentError(f"{self.path} has no {JOURNAL_FILE}; parameter importance needs the Optuna study.")
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        storage = JournalStorage(JournalFileBackend(str(journal)))
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        study_name = self.name if self.name in names else (names[0] if names else None)
+        if study_name is None:
+            raise ExperimentError(f"{journal} holds no Optuna study.")
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        target = (lambda t: t.values[0]) if self.is_multi_objective else None
+        return dict(optuna.importance.get_param_importances(study, target=target))
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    def _trial_dir(self, trial_id: str) -> Path:
+        if trial_id not in self.trial_dirs:
+            raise ExperimentError(
+                f"{self.path} has no trial {trial_id!r}; trials are {', '.join(sorted(self.trial_dirs)) or 'none'}."
+            )
+        return self.trial_dirs[trial_id]
+
+    def _recall_of(self, label: str, split: str) -> np.ndarray:
+        if label in self.baselines:
+            record = self.baselines[label]
+            recall = _find_recall(record, split)
+            if recall is None:
+                raise ExperimentError(f"baseline {label!r} in {BASELINES_FILE} has no per-class {split} recall.")
+            return recall
+        history = self.history(label)
+        index = history.index_of_step(history.best_step) if history.best_step is not None else -1
+        return history.recall(index, split)
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Read an experiment directory (finished, running or interrupted) without Ray.
+
+    Raises:
+        ExperimentError: the path does not exist, is not a selmix-ray experiment, or its manifest is corrupted.
+    """
+    path = Path(path).expanduser().resolve()
+    if not path.is_dir():
+        raise ExperimentError(f"{path} is not a directory; pass the experiment folder <storage>/<name>.")
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ExperimentError(
+            f"{path} is not a selmix-ray experiment: it has no {MANIFEST_FILE}. Pass the folder that "
+            "run_search.py / search() created (<storage>/<name>), not its parent or a plain Ray Tune run."
+        )
+    manifest = _read_json(manifest_path, what="experiment manifest")
+    if not isinstance(manifest, dict):
+        raise ExperimentError(f"{manifest_path} is corrupted: expected a JSON object, got {type(manifest).__name__}.")
+    baselines = {}
+    if (path / BASELINES_FILE).is_file():
+        baselines = _read_json(path / BASELINES_FILE, what="baselines")
+        if not isinstance(baselines, dict):
+            raise ExperimentError(f"{path / BASELINES_FILE} is corrupted: expected a JSON object of baselines.")
+        baselines = baselines.get("baselines", baselines) if isinstance(baselines.get("baselines"), dict) \
+            else baselines
+    tune_states = _tune_trial_states(path)
+    steps_default = _fixed_steps(manifest)
+    extra_metrics = [m for m in manifest.get("metrics") or [] if m != SCORE_KEY]
+    rows, dirs = [], {}
+    for folder in sorted(p for p in path.iterdir() if p.is_dir() and (p / "params.json").is_file()):
+        row = _trial_row(folder, tune_states, steps_default, extra_metrics)
+        if row is None:
+            continue
+        dirs[row["trial_id"]] = folder
+        rows.append(row)
+    return Run(path=path, manifest=manifest, trial_rows=rows, trial_dirs=dirs, baselines=baselines)
+
+
+@dataclass
+class Comparison:
+    """Trials of several runs (and their baselines) scored by one objective. Build with :func:`compare`."""
+
+    runs: list[Run]
+    objective: str | None
+    df: Any  # pandas DataFrame: run, kind (trial/baseline), name, status, score, test_at_best/*, config/*
+
+    @property
+    def table(self):
+        import pyarrow as pa
+
+        return pa.Table.from_pandas(self.df, preserve_index=False)
+
+    @property
+    def best(self) -> dict[str, dict[str, Any]]:
+        """Best trial per run under the comparison's objective: {run name: row}."""
+        out = {}
+        trials = self.df[(self.df["kind"] == "trial") & self.df["score"].notna()]
+        for run_name, group in trials.groupby("run", sort=False):
+            out[run_name] = group.loc[group["score"].idxmax()].to_dict()
+        return out
+
+    def to_string(self, *, top: int = 10) -> str:
+        """A readable table: per run, the ``top`` trials by score, then its baselines."""
+        import pandas as pd
+
+        lines = []
+        show = ["name", "status", "steps_reached", "score", "test_at_best/min_recall", "test_at_best/mean_recall"]
+        with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 40,
+                               "display.float_format", "{:.4f}".format):
+            for run in self.runs:
+                part = self.df[self.df["run"] == run.name]
+                objective = self.objective or run.objective
+                trials = part[part["kind"] == "trial"].sort_values("score", ascending=False, kind="stable")
+                counts = trials["status"].value_counts().to_dict()
+                summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
+                lines.append(f"== {run.name} ({run.path}) - score: val/best_{objective} - "
+                             f"{len(trials)} trials: {summary}")
+                config_columns = [c for c in trials.columns if c.startswith("config/")
+                                  and trials[c].nunique(dropna=True) > 1]
+                head = trials.head(top)[show + config_columns].astype({"steps_reached": "Int64"}).rename(
+                    columns=lambda c: c.replace("config/", "").replace("test_at_best/", "test "))
+                lines.append(head.to_string(index=False) if not head.empty else "(no trial has reported yet)")
+                base = part[part["kind"] == "baseline"]
+                if not base.empty:
+                    lines.append("baselines:")
+                    lines.append(base[["name", "score", "test_at_best/min_recall", "test_at_best/mean_recall"]]
+                                 .rename(columns=lambda c: c.replace("test_at_best/", "test "))
+                                 .to_string(index=False))
+                lines.append("")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_string()
+
+
+def compare(paths: str | os.PathLike | list, *, objective: str | None = None) -> Comparison:
+    """Load experiments and put their trials and baselines in one table, scored by ``objective``.
+
+    With ``objective=None`` each run is scored by its own ``val/best_objective``; with a name, every trial
+    is re-ranked from its stored confusion counts (no retraining) and every baseline scored from its
+    stored values.
+    """
+    import pandas as pd
+
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    runs = [load_run(p) for p in paths]
+    names = [run.name for run in runs]
+    for index, run in enumerate(runs):  # two runs with the same name: tell them apart by position
+        if names.count(run.name) > 1:
+            run.manifest = {**run.manifest, "name": f"{run.name}#{index}"}
+    frames = []
+    for run in runs:
+        trials = run.df.copy()
+        trials.insert(0, "run", run.name)
+        trials.insert(1, "kind", "trial")
+        trials.insert(2, "name", trials["trial_id"])
+        if objective is None or objective == run.objective:
+            trials["score"] = trials[SCORE_KEY]
+        else:
+            ranked = run.rerank(objective).set_index("trial_id")
+            trials["score"] = trials["trial_id"].map(ranked[f"val/best_{objective}"])
+            for column in TEST_AT_BEST:
+                trials[column] = trials["trial_id"].map(ranked[column])
+        frames.append(trials)
+        if run.baselines:
+            base = run.baselines_df.copy()
+            base.insert(0, "run", run.name)
+            base["kind"] = "baseline"
+            base["score"] = [_baseline_score(run.baselines[n], objective or run.objective, run)
+                             for n in base["name"]]
+            frames.append(base)
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return Comparison(runs=runs, objective=objective, df=df)
+
+
+# -- reading Tune's files ------------------------------------------------------------------------------
+
+
+def _read_json(path: Path, *, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExperimentError(f"{path} ({what}) is corrupted or unreadable: {err}. "
+                              "Restore it from a backup or start a new experiment name.") from err
+
+
+def _fixed_steps(manifest: dict[str, Any]) -> int | None:
+    steps = manifest.get("steps", ((manifest.get("space") or {}).get("fixed") or {}).get("steps"))
+    return int(steps) if isinstance(steps, (int, float)) else None
+
+
+def _tune_trial_states(path: Path) -> dict[str, dict[str, Any]]:
+    """{trial_id: {"status", "num_failures", "dirname"}} from Tune's latest experiment_state file."""
+    files = sorted(glob.glob(str(path / "experiment_state-*.json")))
+    for state_file in reversed(files):  # the newest readable snapshot (a running sweep rewrites them)
+        try:
+            data = json.loads(Path(state_file).read_text(encoding="utf-8"))
+            out = {}
+            for trial_json, runtime_json in data["trial_data"]:
+                trial, runtime = json.loads(trial_json), json.loads(runtime_json)
+                out[trial["trial_id"]] = {
+                    "status": trial.get("status"),
+                    "num_failures": runtime.get("num_failures", 0),
+                    "dirname": trial.get("relative_logdir"),
+                }
+            return out
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return {}
+
+
+def _last_result(folder: Path) -> dict[str, Any] | None:
+    """The last complete JSON line of result.json (a line being written is skipped)."""
+    path = folder / "result.json"
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        chunk = 4096
+        while True:
+            start = max(0, size - chunk)
+            f.seek(start)
+            lines = f.read(size - start).splitlines()
+            candidates = lines if start == 0 else lines[1:]  # the first line of a chunk may be partial
+            for line in reversed(candidates):
+                try:
+                    return json.loads(line)
+                except ValueError:
+                    continue
+            if start == 0:
+                return None
+            chunk *= 4
+
+
+def _trial_row(folder: Path, tune_states: dict[str, dict], steps_default: int | None,
+               extra_metrics: list[str]) -> dict[str, Any] | None:
+    try:
+        params = json.loads((folder / "params.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # being written
+    result = _last_result(folder) or {}
+    trial_id = result.get("trial_id") or _trial_id_from_dirname(folder.name, tune_states)
+    if trial_id is None:
+        return None
+    tune = tune_states.get(trial_id, {})
+    steps = params.get("steps", steps_default)
+    reached = result.get(STEP_KEY)
+    tune_status = tune.get("status")
+    if tune_status == "ERROR" or (tune_status is None and (folder / "error.txt").is_file()):
+        status = "errored"
+    elif reached is not None and steps is not None and reached >= steps:
+        status = "complete"
+    elif tune_status == "TERMINATED":
+        status = "pruned"
+    else:
+        status = "running"
+    row: dict[str, Any] = {
+        "trial_id": trial_id,
+        "status": status,
+        "steps_reached": None if reached is None else int(reached),
+        "steps": steps,
+        "wall_time_s": result.get("time_total_s"),
+        "start_time": _start_time(folder, result),
+        "num_failures": tune.get("num_failures", 0),
+        SCORE_KEY: result.get(SCORE_KEY),
+    }
+    for key in TEST_AT_BEST:
+        row[key] = result.get(key)
+    for key in extra_metrics:  # e.g. val/mean_recall, ranked by a multi-objective sweep
+        row[key] = result.get(key)
+    for key, value in params.items():
+        row[f"config/{key}"] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
+    return row
+
+
+def _trial_id_from_dirname(dirname: str, tune_states: dict[str, dict]) -> str | None:
+    for trial_id, state in tune_states.items():
+        if state.get("dirname") == dirname or trial_id in dirname:
+            return trial_id
+    return None
+
+
+def _start_time(folder: Path, result: dict[str, Any]) -> float:
+    if "timestamp" in result and "time_total_s" in result:
+        return float(result["timestamp"]) - float(result["time_total_s"])
+    return folder.stat().st_mtime
+
+
+def _latest_history_text(folder: Path) -> str | None:
+    """HISTORY_FILE of the newest readable checkpoint_XXXXXX folder of a trial."""
+    for checkpoint in sorted(glob.glob(str(folder / "checkpoint_*")), reverse=True):
+        path = Path(checkpoint) / HISTORY_FILE
+        try:
+            text = path.read_text(encoding="utf-8")
+            json.loads(text)
+            return text
+        except (OSError, ValueError):
+            continue  # missing or half-written: an older checkpoint is still good
+    return None
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+
+
+def _rescore(history: TrialHistory, scorer, objective: str, train_counts) -> dict[str, Any]:
+    """Best-so-far of ``scorer`` over the reports (mean over copies) and the test metrics there."""
+    K = history.n_classes
+    head = head_mask(train_counts, K)
+    n_reports = len(history.copies[0]["records"])
+    best_value, best_index = -math.inf, None
+    for index in range(n_reports):
+        values = [scorer.value(joint_confusion(history.confusion(index, "val", c)))
+                  for c in range(len(history.copies))]
+        value = float(np.mean(values))
+        if value > best_value:
+            best_value, best_index = value, index
+    out: dict[str, Any] = {f"val/best_{objective}": None, "best_step": None}
+    if best_index is None:
+        return out
+    tests = []
+    for c in range(len(history.copies)):
+        C = joint_confusion(history.confusion(best_index, "test", c))
+        tests.append({**metric_values(C, head), objective: scorer.value(C)})
+    out[f"val/best_{objective}"] = best_value
+    out["best_step"] = int(history.copies[0]["records"][best_index]["step"])
+    out[f"test_at_best/{objective}"] = float(np.mean([t[objective] for t in tests]))
+    for m in METRIC_NAMES:
+        if m != "objective":
+            out[f"test_at_best/{m}"] = float(np.mean([t[m] for t in tests]))
+    out["test_at_best/objective"] = out[f"test_at_best/{objective}"]
+    return out
+
+
+def _flat_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    metrics = record.get("metrics") if isinstance(record.get("metrics"), dict) else record
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _baseline_row(name: str, record: dict[str, Any]) -> dict[str, Any]:
+    metrics = _flat_metrics(record)
+    row: dict[str, Any] = {"name": name, "kind": "baseline"}
+    row[SCORE_KEY] = metrics.get(SCORE_KEY, metrics.get("val/objective"))
+    for m in METRIC_NAMES:
+        row[f"test_at_best/{m}"] = metrics.get(f"test_at_best/{m}", metrics.get(f"test/{m}"))
+    return row
+
+
+def _baseline_score(record: dict[str, Any], objective: str, run: Run) -> float | None:
+    """A baseline's validation score under ``objective``: stored scalars, else its stored val counts."""
+    metrics = _flat_metrics(record)
+    if objective == run.objective:
+        value = metrics.get(SCORE_KEY, metrics.get("val/objective"))
+        if value is not None:
+            return value
+    if f"val/{objective}" in metrics:
+        return metrics[f"val/{objective}"]
+    counts = _find_counts(record, "val")
+    if counts is None:
+        return None
+    from .objectives import get_objective
+
+    try:
+        scorer = get_objective(objective, train_counts=run.train_counts())
+        return float(scorer.value(joint_confusion(counts)))
+    except SelMixError:
+        return None
+
+
+def _find_split(record: dict[str, Any], split: str) -> dict[str, Any] | None:
+    if isinstance(record.get(split), dict):
+        return record[split]
+    records = record.get("records")
+    if isinstance(records, list) and records and isinstance(records[-1].get(split), dict):
+        return records[-1][split]
+    return None
+
+
+def _find_recall(record: dict[str, Any], split: str) -> np.ndarray | None:
+    per_class = record.get("per_class_recall")  # what search.py writes: {"val": [K], "test": [K]}
+    if isinstance(per_class, dict) and isinstance(per_class.get(split), list):
+        return np.asarray(per_class[split], dtype=float)
+    part = _find_split(record, split)
+    if part is not None and isinstance(part.get("recall"), list):
+        return np.asarray(part["recall"], dtype=float)
+    return None
+
+
+def _find_counts(record: dict[str, Any], split: str) -> np.ndarray | None:
+    part = _find_split(record, split)
+    if part is None or "counts" not in part:
+        return None
+    entries = part["counts"]
+    K = int(record.get("n_classes") or (max(max(r, c) for r, c, _ in entries) + 1))
+    dense = np.zeros((K, K))
+    for row, col, count in entries:
+        dense[row, col] = count
+    return dense
