@@ -38,6 +38,7 @@ from .gain import class_centroids, gain_matrix
 from .metrics import confusion_counts, joint_confusion, summarize
 from .mixup import mix, needs_maps, targets
 from .objectives import get_objective
+from .posthoc import cross_fitted_confusion, fit_correction
 from .sampling import PairSampler, distribution_stats, pair_distribution
 
 __all__ = ["FinetuneConfig", "FinetuneState", "History", "Trainer", "finetune", "finetune_repeats"]
@@ -521,26 +522,24 @@ class Trainer:
             splits["val"] = confusion_counts(val_y, self._val_predictions(), K)
             splits["test"] = confusion_counts(test_y, _predict(self.test_x, self.weight, self.bias), K)
         else:
-            from .posthoc import cross_fitted_confusion, fit_correction
-
             val_logits = self._val_logits()
             test_logits = _logits(self.test_x, self.weight, self.bias)
             splits["val_raw"] = confusion_counts(val_y, val_logits.argmax(axis=1), K)
             splits["test_raw"] = confusion_counts(test_y, test_logits.argmax(axis=1), K)
-
-            def fresh_objective():  # post-hoc fitting must not touch the training multipliers
-                return get_objective(config.objective, train_counts=self.train_counts, **config.objective_params)
-
+            # val/*: cross-fitted on validation halves; test/*: the correction fitted on all of validation.
+            # (posthoc deep-copies the objective: the training multipliers are never touched)
             splits["val"] = cross_fitted_confusion(
-                config.posthoc, val_logits, val_y, fresh_objective(), train_counts=self.train_counts,
+                config.posthoc, val_logits, val_y, self.scorer, train_counts=self.train_counts,
                 n_classes=K, seed=config.seed,
             )
-            correction = fit_correction(config.posthoc, val_logits, val_y, fresh_objective(),
+            correction = fit_correction(config.posthoc, val_logits, val_y, self.scorer,
                                         train_counts=self.train_counts)
             splits["test"] = confusion_counts(test_y, correction.apply(test_logits).argmax(axis=1), K)
 
         metrics: dict[str, float] = {STEP_KEY: float(self.step)}
         record: dict[str, Any] = {"step": self.step, "metrics": metrics}
+        if config.posthoc != "none":
+            record["posthoc"] = correction.params  # the test-time correction (kind, offsets, ...)
         for name in ("val", "test", "val_raw", "test_raw"):
             if name not in splits:
                 continue
