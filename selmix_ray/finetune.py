@@ -405,8 +405,7 @@ class Trainer:
         self.history = History(meta={"config": config.to_dict(), "n_classes": K, "lr_effective": self.lr,
                                      "device": str(self.device)})
         self._val_cache: tuple[int, Any] | None = None  # (step, validation outputs) shared within a step
-        self._loss_sum = torch.zeros((), device=self.device)
-        self._loss_since = 0
+        self._checked_at = 0  # step of the last finiteness check of the head
         if state is not None:
             self._load(state)
 
@@ -473,18 +472,19 @@ class Trainer:
             pairs = torch.from_numpy(batch.pairs).to(self.device)
             target = targets(config.mixup, pairs[:, 0], pairs[:, 1], lam_eff, self.K).float()  # (B, K)
 
-        # Cross-entropy with (soft) targets and its exact gradient: dloss/dlogits = (softmax - target) / B.
-        log_probs = torch.log_softmax(torch.nn.functional.linear(z, self.weight, self.bias), dim=1)  # (B, K)
-        self._loss_sum += -(target * log_probs).sum() / B
-        residual = (log_probs.exp() - target) / B  # (B, K)
+        # Cross-entropy with (soft) targets, mean over the batch; its exact gradient w.r.t. the logits is
+        # (softmax - target) / B. A NaN/inf loss makes the head NaN/inf, which _check_finite catches.
+        probs = torch.softmax(torch.nn.functional.linear(z, self.weight, self.bias), dim=1)  # (B, K)
+        residual = probs.sub_(target).div_(B)  # (B, K)
         grads = {"weight": residual.T @ z, "bias": residual.sum(dim=0)}
         lr = self.lr * 0.5 * (1.0 + math.cos(math.pi * self.step / config.steps))
         for name, param in (("weight", self.weight), ("bias", self.bias)):
             if name == "bias" and not config.train_bias:
                 continue
-            grad = grads[name] + config.weight_decay * param  # SGD as torch.optim.SGD (dampening 0)
-            velocity = self.velocity[name].mul_(config.momentum).add_(grad)
-            param.sub_(lr * velocity)
+            grad = grads[name].add_(param, alpha=config.weight_decay)  # SGD as torch.optim.SGD (dampening 0)
+            if config.momentum:
+                grad = self.velocity[name].mul_(config.momentum).add_(grad)
+            param.add_(grad, alpha=-lr)
 
     def _refresh(self) -> None:
         """Validation confusion -> multipliers -> gain -> P, and pseudo-labels of the pool."""
@@ -600,16 +600,14 @@ class Trainer:
             self.sampler.set_distribution(self.P)
 
     def _check_finite(self) -> None:
-        """Raise TrainingError if a loss since the last check or the head is NaN/inf."""
-        loss = float(self._loss_sum)
-        if not math.isfinite(loss) or not bool(torch.isfinite(self.weight).all() and torch.isfinite(self.bias).all()):
+        """Raise TrainingError if the head (hence some loss since the last check) is NaN/inf."""
+        if not bool(torch.isfinite(self.weight).all() and torch.isfinite(self.bias).all()):
             raise TrainingError(
-                f"Training diverged: the loss or the head became NaN/inf between steps {self._loss_since} and "
+                f"Training diverged: the loss and the head became NaN/inf between steps {self._checked_at} and "
                 f"{self.step} (lr={self.config.lr}, effective lr={self.lr:.3g}, method={self.config.method!r}). "
                 "Lower lr, keep lr_scale='feature_norm', or check the features for NaN/inf."
             )
-        self._loss_sum.zero_()
-        self._loss_since = self.step
+        self._checked_at = self.step
 
     def _load(self, state: FinetuneState) -> None:
         mine = {k: v for k, v in self.config.to_dict().items() if k != "device"}
@@ -637,7 +635,7 @@ class Trainer:
         self.P = None if state.pair_distribution is None else np.asarray(state.pair_distribution)
         self.diagnostics = dict(state.diagnostics)
         self.history = History.from_json(state.history.to_json())
-        self._loss_since = self.step
+        self._checked_at = self.step
         self._install_sampler()
 
 
@@ -722,8 +720,11 @@ def _tensor(array: np.ndarray | None, device: torch.device) -> torch.Tensor | No
 
 
 def _rows(x: torch.Tensor, index: np.ndarray, device: torch.device) -> torch.Tensor:
-    """x[index] (a copy of the batch only), on ``device``."""
-    return x[torch.from_numpy(np.asarray(index, dtype=np.int64)).to(x.device)].to(device)
+    """x[index] (a copy of the batch only), on ``device`` (x lives there already, or on the CPU)."""
+    index = torch.from_numpy(np.asarray(index, dtype=np.int64))
+    if x.device.type != "cpu":
+        index = index.to(x.device, non_blocking=True)
+    return x.index_select(0, index).to(device)
 
 
 def _partners(train, pool, index, from_pool, device) -> torch.Tensor:
