@@ -1,0 +1,436 @@
+"""Frozen backbones: what turns images into features (SPEC.md sections 8 and 10).
+
+Four kinds, chosen by a spec string:
+
+- ``"cnn"``: :class:`SmallCNN`, trained here with ERM on the long-tailed labeled split (seeded), then
+  frozen; its ``fc`` becomes the initial head.
+- ``"identity"``: flattened pixels (for tests); no head.
+- a torchvision model name (``"resnet18"``): built with ``weights=None`` and loaded from a local
+  checkpoint file; missing/unexpected keys are reported. Its last ``Linear`` becomes the initial head
+  when it has K outputs, and is replaced by ``Identity`` so the model returns penultimate features.
+- ``"package.module:function"``: a user factory called as ``function(n_classes=K, in_channels=C)``
+  returning an ``nn.Module`` (images -> (n, d) features or (n, C', H', W') maps) or a pair
+  ``(module, head)`` with ``head`` an ``nn.Linear(d, K)``.
+
+torch and torchvision are imported here at module level: this module is only imported when features
+are built.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import DataError
+
+__all__ = [
+    "SmallCNN",
+    "CNNSettings",
+    "PreparedBackbone",
+    "prepare_backbone",
+    "train_cnn",
+    "fit_erm_head",
+    "resolve_device",
+    "torch_threads",
+    "backbone_kind",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None -> CUDA when available, else CPU; anything else as given."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def backbone_kind(spec: str) -> str:
+    """``"cnn"``, ``"identity"``, ``"factory"`` (``module:function``) or ``"torchvision"``."""
+    if spec in ("cnn", "identity"):
+        return spec
+    if ":" in spec:
+        return "factory"
+    return "torchvision"
+
+
+# -- the in-process CNN --------------------------------------------------------------------------
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks, global average pool, linear head.
+
+    Shapes: images (n, C, H, W) -> ``maps`` (n, 4·width, H/4, W/4) -> pooled (n, 4·width) -> logits (n, K).
+    The cut point is the last conv block's output (its pool is the feature ``x``).
+    """
+
+    def __init__(self, in_channels: int, n_classes: int, *, width: int = 16):
+        super().__init__()
+
+        def block(c_in, c_out, pool):
+            layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
+
+        self.block1 = block(in_channels, width, True)
+        self.block2 = block(width, 2 * width, True)
+        self.block3 = block(2 * width, 4 * width, False)
+        self.fc = nn.Linear(4 * width, n_classes)
+
+    def maps(self, images: torch.Tensor) -> torch.Tensor:
+        return self.block3(self.block2(self.block1(images)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.maps(images).mean(dim=(2, 3)))
+
+
+@dataclass(frozen=True)
+class CNNSettings:
+    """ERM training of the in-process CNN (part of the cache key)."""
+
+    epochs: int = 20  # passes over the long-tailed labeled split
+    lr: float = 2e-3  # Adam learning rate, cosine-decayed to 0
+    weight_decay: float = 5e-4  # Adam (L2) weight decay
+    width: int = 16  # channels of the first block; the feature dimension is 4 * width
+    train_batch_size: int = 64  # SGD batch size while training
+
+    def check(self) -> list[str]:
+        problems = []
+        for name in ("epochs", "width", "train_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be an integer >= 1, but got {name}={value!r}.")
+        for name in ("lr", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+                problems.append(f"{name} must be a finite number >= 0, but got {name}={value!r}.")
+        return problems
+
+
+def train_cnn(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    n_classes: int,
+    settings: CNNSettings,
+    seed: int,
+    device: torch.device,
+    progress: bool = False,
+    transform: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> SmallCNN:
+    """Train :class:`SmallCNN` with plain cross-entropy (ERM) on (n, C, H, W) images; returns it frozen.
+
+    Seeded through a forked RNG, so the caller's global torch RNG is left untouched.
+    """
+    from tqdm.auto import tqdm
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = SmallCNN(images.shape[1], n_classes, width=settings.width).to(device)
+        x_all = transform(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device))
+        y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+        n = len(y_all)
+        steps_per_epoch = max(1, -(-n // settings.train_batch_size))
+        optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.epochs * steps_per_epoch)
+        generator = torch.Generator().manual_seed(seed)
+        model.train()
+        bar = tqdm(range(settings.epochs), desc="training CNN backbone", disable=not progress, leave=False)
+        for _ in bar:
+            order = torch.randperm(n, generator=generator).to(device)
+            total = 0.0
+            for start in range(0, n, settings.train_batch_size):
+                idx = order[start:start + settings.train_batch_size]
+                loss = nn.functional.cross_entropy(model(x_all[idx]), y_all[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total += loss.item() * len(idx)
+            bar.set_postfix(loss=f"{total / n:.3f}")
+        _recalibrate_batchnorm(model, x_all, settings.train_batch_size)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int) -> None:
+    """Set every BatchNorm's running statistics to their exact average over ``images`` (one pass).
+
+    After a few epochs the exponential running averages still lag the trained weights; the frozen
+    backbone extracts features in eval mode, so it should use statistics of its final weights.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            model(images[start:start + batch_size])
+    for norm in norms:
+        norm.momentum = 0.1
+
+
+class torch_threads:
+    """Run a block with ``n`` intra-op threads (None: unchanged), restoring the previous number after.
+
+    Small convolutions and full-batch problems lose time to threads: on this 2-core machine under load,
+    a SmallCNN training step took 140 ms with 1 thread and 800 ms with 2.
+    """
+
+    def __init__(self, n: int | None):
+        self.n = n
+
+    def __enter__(self):
+        self.previous = torch.get_num_threads()
+        if self.n is not None:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.previous)
+
+
+# -- the ERM head on cached features -------------------------------------------------------------
+
+
+def fit_erm_head(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    n_classes: int,
+    steps: int = 300,
+    lr: float = 0.01,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    device: torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression by full-batch Adam on (n, d) features.
+
+    Returns (weight (K, d), bias (K,)) float32. Zero-initialised and full-batch, so it is deterministic;
+    the seed is set anyway for any nondeterministic kernel.
+    """
+    device = device or torch.device("cpu")
+    threads = 1 if x.shape[0] * x.shape[1] < 2_000_000 else None
+    with torch.random.fork_rng(devices=[]), torch_threads(threads):
+        torch.manual_seed(seed)
+        xt = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device)
+        yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
+        linear = nn.Linear(xt.shape[1], n_classes).to(device)
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+        optimizer = torch.optim.Adam(linear.parameters(), lr=lr, weight_decay=weight_decay)
+        for _ in range(steps):
+            loss = nn.functional.cross_entropy(linear(xt), yt)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return (
+        linear.weight.detach().cpu().numpy().astype(np.float32),
+        linear.bias.detach().cpu().numpy().astype(np.float32),
+    )
+
+
+# -- preparing any backbone ----------------------------------------------------------------------
+
+
+@dataclass
+class PreparedBackbone:
+    """A frozen backbone ready for extraction.
+
+    Attributes:
+        extract: (m, C, H, W) float32 tensor on ``device`` -> (x (m, d), maps (m, C', H', W') or None).
+        head: (weight (K, d), bias (K,)) float32 when the backbone's own classifier has K classes.
+        info: JSON-able facts (kind, loaded/missing/unexpected checkpoint keys, ...).
+    """
+
+    extract: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+    head: tuple[np.ndarray, np.ndarray] | None = None
+    info: dict = field(default_factory=dict)
+
+
+def _linear_head(linear: nn.Linear) -> tuple[np.ndarray, np.ndarray]:
+    weight = linear.weight.detach().cpu().numpy().astype(np.float32)
+    bias = linear.bias.detach().cpu().numpy().astype(np.float32) if linear.bias is not None else np.zeros(
+        linear.out_features, np.float32
+    )
+    return weight, bias
+
+
+def _from_output(out: torch.Tensor, keep_maps: bool, spec: str):
+    if out.ndim == 4:
+        return out.mean(dim=(2, 3)), (out if keep_maps else None)
+    if out.ndim == 2:
+        if keep_maps:
+            raise DataError(f"keep_maps=True needs spatial maps, but backbone {spec!r} returns (n, d) features.")
+        return out, None
+    raise DataError(f"Backbone {spec!r} returned shape {tuple(out.shape)}; expected (n, d) or (n, C, H, W).")
+
+
+def _load_checkpoint(path) -> dict:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"Checkpoint file {path} does not exist; pass weights=<path to a state_dict file>.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several unrelated types for unreadable files
+        raise DataError(f"Cannot read checkpoint {path}: {exc}") from exc
+    for wrapper in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(f"Checkpoint {path} is not a state_dict (a dict of name -> tensor).")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    found = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            found = (name, module)
+    if found is None:
+        raise DataError(f"{type(model).__name__} has no nn.Linear classifier to cut off.")
+    return found
+
+
+def _replace_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _torchvision_backbone(spec, *, weights, n_classes, keep_maps, device) -> PreparedBackbone:
+    from torchvision import models
+
+    available = models.list_models()
+    if spec not in available:
+        raise DataError(
+            f"Unknown backbone {spec!r}. Available: 'cnn', 'identity', 'package.module:function', "
+            f"or a torchvision model name such as {', '.join(n for n in ('resnet18', 'resnet50', 'mobilenet_v3_small') if n in available)}."
+        )
+    if weights is None:
+        raise DataError(
+            f"Backbone {spec!r} needs weights=<local checkpoint file> (a state_dict); no pretrained "
+            f"weights can be downloaded here."
+        )
+    state = _load_checkpoint(weights)
+    model = models.get_model(spec, weights=None)
+    head_name, linear = _last_linear(model)
+    ckpt_classes = state.get(f"{head_name}.weight", linear.weight).shape[0]
+    if ckpt_classes != linear.out_features:
+        model = models.get_model(spec, weights=None, num_classes=int(ckpt_classes))
+        head_name, linear = _last_linear(model)
+    result = model.load_state_dict(state, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if len(missing) == len(model.state_dict()):
+        raise DataError(f"Checkpoint {weights} shares no parameter name with torchvision {spec!r}; is it for another model?")
+    if missing or unexpected:
+        warnings.warn(
+            f"Loading {weights} into {spec!r}: {len(missing)} missing keys {missing[:5]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:5]}.",
+            stacklevel=3,
+        )
+    head = _linear_head(linear) if linear.out_features == n_classes else None
+    _replace_module(model, head_name, nn.Identity())
+    model.eval().to(device)
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    in_channels = first_conv.in_channels if first_conv is not None else 3
+
+    captured: dict[str, torch.Tensor] = {}
+    if keep_maps:
+        pool = getattr(model, "avgpool", None)
+        if not isinstance(pool, nn.Module):
+            raise DataError(f"keep_maps=True needs a model with an `avgpool` module; {spec!r} has none.")
+        pool.register_forward_hook(lambda _m, inputs, _out: captured.__setitem__("maps", inputs[0]))
+
+    def extract(images):
+        if images.shape[1] == 1 and in_channels == 3:
+            images = images.expand(-1, 3, -1, -1)
+        x = model(images).flatten(1)
+        maps = captured.pop("maps", None) if keep_maps else None
+        if maps is not None:
+            x = maps.mean(dim=(2, 3))
+        return x, maps
+
+    info = {
+        "kind": "torchvision",
+        "checkpoint": str(weights),
+        "checkpoint_classes": int(ckpt_classes),
+        "missing_keys": missing,
+        "unexpected_keys": unexpected,
+    }
+    return PreparedBackbone(extract, head, info)
+
+
+def _factory_backbone(spec, *, n_classes, in_channels, keep_maps, device) -> PreparedBackbone:
+    module_name, _, func_name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise DataError(f"Cannot import backbone factory {spec!r}: {exc}. Expected 'package.module:function'.") from exc
+    made = factory(n_classes=n_classes, in_channels=in_channels)
+    head = None
+    if isinstance(made, tuple):
+        module, head_layer = made
+        if not isinstance(head_layer, nn.Linear) or head_layer.out_features != n_classes:
+            raise DataError(f"Factory {spec!r} returned a head that is not an nn.Linear(d, {n_classes}).")
+        head = _linear_head(head_layer)
+    else:
+        module = made
+    if not isinstance(module, nn.Module):
+        raise DataError(f"Factory {spec!r} must return an nn.Module or (module, head), got {type(module).__name__}.")
+    module.eval().to(device)
+    return PreparedBackbone(lambda images: _from_output(module(images), keep_maps, spec), head, {"kind": "factory"})
+
+
+def prepare_backbone(
+    spec: str,
+    *,
+    n_classes: int,
+    in_channels: int,
+    keep_maps: bool,
+    device: torch.device,
+    seed: int,
+    weights=None,
+    cnn: CNNSettings | None = None,
+    train_images: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    progress: bool = False,
+) -> PreparedBackbone:
+    """Build (and for ``"cnn"``, train) the frozen backbone named by ``spec``.
+
+    ``train_images()`` returns the labeled split's (n, C, H, W) images and (n,) labels; only the CNN
+    calls it.
+    """
+    kind = backbone_kind(spec)
+    if kind == "identity":
+        if keep_maps:
+            raise DataError("keep_maps=True needs a backbone with spatial maps; use backbone='cnn'.")
+        return PreparedBackbone(lambda images: (images.flatten(1), None), None, {"kind": "identity"})
+    if kind == "cnn":
+        images, labels = train_images()
+        model = train_cnn(
+            images, labels, n_classes=n_classes, settings=cnn or CNNSettings(), seed=seed, device=device,
+            progress=progress, transform=transform,
+        )
+        with torch.no_grad():
+            accuracy = float((model(transform(torch.from_numpy(images).to(device))).argmax(1).cpu().numpy() == labels).mean())
+
+        def extract(batch):
+            maps = model.maps(batch)
+            return maps.mean(dim=(2, 3)), (maps if keep_maps else None)
+
+        return PreparedBackbone(extract, _linear_head(model.fc), {"kind": "cnn", "train_accuracy": accuracy})
+    if kind == "factory":
+        return _factory_backbone(spec, n_classes=n_classes, in_channels=in_channels, keep_maps=keep_maps, device=device)
+    return _torchvision_backbone(spec, weights=weights, n_classes=n_classes, keep_maps=keep_maps, device=device)

@@ -1,0 +1,566 @@
+"""Feature extraction and the on-disk feature cache (SPEC.md section 8).
+
+:func:`build_features` runs a frozen backbone once per split and stores the result as uncompressed
+Arrow IPC files in ``cache_dir/<key>/``, where ``key`` hashes everything that determines the arrays
+(:func:`cache_key_fields`). A later call with the same inputs memory-maps those files: no image is read
+and no backbone runs, and the returned arrays are zero-copy, read-only numpy views of the map.
+
+An entry is written to a temporary folder and renamed into place; its ``manifest.json`` (file sizes and
+sha256 sums) is written last. An entry without a manifest, with a file of the wrong size, or (with
+``verify=True``) a wrong checksum is treated as absent and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import DATASET_DEFAULTS, DATASETS, plan_splits, root_identity
+from .errors import ConfigError, DataError
+from .featureset import FeatureSet, Split
+
+__all__ = [
+    "FeatureSet",
+    "Split",
+    "build_features",
+    "rebuild_features",
+    "cache_key_fields",
+    "cache_key",
+    "default_cache_dir",
+    "load_cached",
+    "OPTION_DEFAULTS",
+    "CACHE_FORMAT",
+]
+
+CACHE_FORMAT = 1  # bump when the on-disk layout changes
+MANIFEST = "manifest.json"
+META = "meta.json"
+DTYPES = ("float32", "float16")
+
+# Every option build_features accepts (beyond dataset, rho, backbone, cache_dir, seed), with its default.
+OPTION_DEFAULTS: dict[str, Any] = {
+    # data and splits
+    "root": None,  # folder (CIFAR, imagefolder) or file (npz)
+    "download": False,  # CIFAR: let torchvision download into root
+    "n_val": None,  # validation samples per class (None: the dataset's default)
+    "n_test": None,  # test samples per class (None: the dataset's default)
+    "n_max": None,  # labeled size of class 0 (None: the dataset's default)
+    "rho_unlabeled": None,  # None: no unlabeled pool; < 1: reversed profile
+    "n_max_unlabeled": None,  # None: the largest pool that fits
+    # transform and storage
+    "image_size": None,  # resize images to image_size x image_size before the backbone
+    "normalize": None,  # "imagenet" or "none"; None: "imagenet" for torchvision models, else "none"
+    "keep_maps": False,  # also keep the (n, C, H, W) map at the cut point; x is its global average pool
+    "dtype": "float32",  # storage dtype of x and maps: "float32" or "float16"
+    # backbone
+    "weights": None,  # torchvision models: local checkpoint file (a state_dict)
+    "epochs": 20,  # CNN: training passes over the labeled split
+    "lr": 2e-3,  # CNN: Adam learning rate
+    "weight_decay": 5e-4,  # CNN: Adam weight decay
+    "width": 16,  # CNN: first block's channels (feature dimension 4 * width)
+    "train_batch_size": 64,  # CNN: training batch size
+    "head_steps": 300,  # ERM head (identity / mismatched classifier): full-batch Adam steps
+    "head_lr": 0.01,  # ERM head: Adam learning rate
+    # execution (not part of the cache key)
+    "device": "auto",  # "auto" = CUDA when available
+    "batch_size": 256,  # extraction batch size
+    "num_threads": "auto",  # torch CPU threads; "auto": 1 for the small CNN on CPU, else unchanged
+    "progress": True,  # show progress bars (tqdm, on stderr)
+    "verify": False,  # on a cache hit, also check every file's sha256 (sizes are always checked)
+}
+_EXECUTION_OPTIONS = ("device", "batch_size", "num_threads", "progress", "verify")
+_CNN_OPTIONS = ("epochs", "lr", "weight_decay", "width", "train_batch_size")
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/selmix-ray``, else ``~/.cache/selmix-ray``."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "selmix-ray"
+
+
+# -- arguments and the key -----------------------------------------------------------------------
+
+
+def _jsonable(value, name: str):
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    try:
+        json.dumps(value)
+    except TypeError as exc:
+        raise ConfigError(f"option {name} must be JSON-serialisable (it is saved to rebuild the features), but got {value!r}.") from exc
+    return value
+
+
+def _resolve_options(dataset: str, rho, backbone: str, seed, opts: dict) -> dict:
+    """Validate everything at once (one ConfigError listing every problem); return all options."""
+    from .backbones import backbone_kind
+
+    problems = []
+    unknown = sorted(set(opts) - set(OPTION_DEFAULTS))
+    if unknown:
+        problems.append(f"unknown option(s) {', '.join(unknown)}. Available: {', '.join(sorted(OPTION_DEFAULTS))}.")
+    if dataset not in DATASETS:
+        problems.append(f"Unknown dataset {dataset!r}. Available: {', '.join(DATASETS)}.")
+    if rho is None and dataset != "npz":
+        problems.append("rho is required (1 = balanced, 100 = the usual long tail); only npz accepts rho=None.")
+    elif rho is not None and (not isinstance(rho, (int, float)) or isinstance(rho, bool) or not np.isfinite(rho) or rho < 1):
+        problems.append(f"the labeled split needs rho >= 1, but got {rho=}; rho < 1 is for rho_unlabeled only.")
+    if not isinstance(backbone, str) or not backbone:
+        problems.append(f"backbone must be a non-empty string, but got {backbone!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        problems.append(f"seed must be an integer, but got {seed=!r}.")
+    full = {**OPTION_DEFAULTS, **{k: v for k, v in opts.items() if k in OPTION_DEFAULTS}}
+    if full["dtype"] not in DTYPES:
+        problems.append(f"dtype must be one of {', '.join(DTYPES)}, but got {full['dtype']!r}.")
+    if full["normalize"] not in (None, "imagenet", "none"):
+        problems.append(f"normalize must be 'imagenet', 'none' or None, but got {full['normalize']!r}.")
+    if isinstance(full["batch_size"], bool) or not isinstance(full["batch_size"], int) or full["batch_size"] < 1:
+        problems.append(f"batch_size must be an integer >= 1, but got {full['batch_size']!r}.")
+    threads = full["num_threads"]
+    if threads != "auto" and threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        problems.append(f"num_threads must be 'auto', None or an integer >= 1, but got {threads!r}.")
+    if full["image_size"] is not None and (not isinstance(full["image_size"], int) or full["image_size"] < 1):
+        problems.append(f"image_size must be None or an integer >= 1, but got {full['image_size']!r}.")
+    if isinstance(backbone, str) and backbone_kind(backbone) == "cnn":
+        from .backbones import CNNSettings
+
+        problems += CNNSettings(**{k: full[k] for k in _CNN_OPTIONS}).check()
+    if problems:
+        raise ConfigError(problems, where="build_features arguments")
+    if full["normalize"] is None:
+        full["normalize"] = "imagenet" if backbone_kind(backbone) == "torchvision" else "none"
+    return full
+
+
+def cache_key_fields(dataset: str, *, rho, backbone: str, seed: int, options: dict) -> dict:
+    """Everything that determines the cached arrays (SPEC.md section 8), as a JSON-able dict.
+
+    Dataset name and root identity, split sizes (dataset defaults filled in), seed, rho, the unlabeled
+    parameters, the backbone spec (name, checkpoint sha256, the CNN's training settings), the cut
+    point, keep_maps, the transform, the storage dtype and the ERM head's settings.
+    """
+    from .backbones import backbone_kind
+
+    defaults = DATASET_DEFAULTS.get(dataset, {})
+    sizes = {k: options[k] if options[k] is not None else defaults.get(k) for k in ("n_val", "n_test", "n_max")}
+    kind = backbone_kind(backbone)
+    spec: dict[str, Any] = {"name": backbone, "kind": kind}
+    if kind == "cnn":
+        spec["training"] = {k: options[k] for k in _CNN_OPTIONS}
+    if kind == "torchvision" and options["weights"] is not None:
+        weights = Path(options["weights"]).expanduser()
+        spec["checkpoint_sha256"] = _file_sha256(weights) if weights.is_file() else f"missing:{weights}"
+    return {
+        "format": CACHE_FORMAT,
+        "dataset": dataset,
+        "root": root_identity(dataset, options["root"]),
+        "splits": {**sizes, "rho_unlabeled": options["rho_unlabeled"], "n_max_unlabeled": options["n_max_unlabeled"]},
+        "seed": int(seed),
+        "rho": rho,
+        "backbone": spec,
+        "cut": "penultimate",
+        "keep_maps": bool(options["keep_maps"]),
+        "transform": {"image_size": options["image_size"], "normalize": options["normalize"]},
+        "dtype": options["dtype"],
+        "head": {"steps": options["head_steps"], "lr": options["head_lr"]},
+    }
+
+
+def cache_key(fields: dict) -> str:
+    """24 hex digits of the sha256 of the canonical JSON of ``fields``."""
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- Arrow IPC files -----------------------------------------------------------------------------
+
+
+def _write_arrays(path: Path, columns: dict[str, np.ndarray]) -> None:
+    """One Arrow IPC file, one record batch: 2-D+ arrays as fixed-size lists of their rows."""
+    import pyarrow as pa
+
+    arrays, names, shapes = [], [], {}
+    for name, array in columns.items():
+        array = np.ascontiguousarray(array)
+        shapes[name] = list(array.shape)
+        flat = pa.array(array.reshape(-1))
+        if array.ndim > 1:
+            width = int(np.prod(array.shape[1:]))
+            flat = pa.FixedSizeListArray.from_arrays(flat, width)
+        arrays.append(flat)
+        names.append(name)
+    batch = pa.record_batch(arrays, names=names)
+    schema = batch.schema.with_metadata({"shapes": json.dumps(shapes)})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        writer.write_batch(batch.replace_schema_metadata(schema.metadata))
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Memory-map an IPC file written by :func:`_write_arrays`; arrays are read-only zero-copy views."""
+    import pyarrow as pa
+
+    reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+    if reader.num_record_batches != 1:
+        raise DataError(f"{path} holds {reader.num_record_batches} record batches, expected 1.")
+    batch = reader.get_batch(0)
+    shapes = json.loads(reader.schema.metadata[b"shapes"])
+    out = {}
+    for name, shape in shapes.items():
+        column = batch.column(name)
+        if isinstance(column, pa.FixedSizeListArray):
+            column = column.values
+        array = column.to_numpy(zero_copy_only=True).reshape(shape)
+        array.flags.writeable = False
+        out[name] = array
+    return out
+
+
+def _split_columns(split: Split, true_y: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    columns = split.to_dict()
+    if true_y is not None:
+        columns["true_y"] = true_y
+    return columns
+
+
+def _write_entry(entry: Path, features: FeatureSet) -> None:
+    """Write the entry in a temporary sibling folder, manifest last, then rename it into place."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
+    try:
+        files = {}
+        for name in ("train", "val", "test", "unlabeled"):
+            split = getattr(features, name)
+            if split is not None:
+                true_y = features.unlabeled_true_y if name == "unlabeled" else None
+                _write_arrays(tmp / f"{name}.arrow", _split_columns(split, true_y))
+                files[f"{name}.arrow"] = None
+        _write_arrays(tmp / "head.arrow", {"weight": features.weight, "bias": features.bias})
+        files["head.arrow"] = None
+        meta = {"n_classes": features.n_classes, "class_names": list(features.class_names),
+                "key": features.key, "metadata": features.metadata}
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+        files[META] = None
+        manifest = {
+            "format": CACHE_FORMAT,
+            "key": features.key,
+            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _file_sha256(tmp / f)} for f in files},
+        }
+        with open(tmp / MANIFEST, "w") as handle:  # written last: its presence marks a complete entry
+            json.dump(manifest, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not (entry / MANIFEST).is_file():  # not a concurrent writer's finished entry
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_entry(entry: Path, *, verify: bool) -> str | None:
+    """None when the entry is complete, else why it is not."""
+    manifest_path = entry / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest (interrupted write)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as exc:
+        return f"unreadable manifest ({exc})"
+    if manifest.get("format") != CACHE_FORMAT:
+        return f"cache format {manifest.get('format')} != {CACHE_FORMAT}"
+    for name, facts in files.items():
+        path = entry / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != facts["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {facts['bytes']}"
+        if verify and _file_sha256(path) != facts["sha256"]:
+            return f"{name} fails its sha256 check"
+    return None
+
+
+def load_cached(entry: str | os.PathLike, *, verify: bool = False) -> FeatureSet:
+    """Read one cache entry (a ``cache_dir/<key>`` folder) as a read-only, memory-mapped FeatureSet.
+
+    Raises DataError when the entry is incomplete or corrupt.
+    """
+    entry = Path(entry)
+    problem = _check_entry(entry, verify=verify)
+    if problem:
+        raise DataError(f"Cache entry {entry} is not valid: {problem}. Delete it or build again.")
+    try:
+        meta = json.loads((entry / META).read_text())
+        splits: dict[str, Split | None] = {}
+        true_y = None
+        for name in ("train", "val", "test", "unlabeled"):
+            path = entry / f"{name}.arrow"
+            if not path.is_file():
+                splits[name] = None
+                continue
+            arrays = _read_arrays(path)
+            splits[name] = Split(x=arrays["x"], y=arrays["y"], maps=arrays.get("maps"))
+            true_y = arrays.get("true_y", true_y)
+        head = _read_arrays(entry / "head.arrow")
+    except DataError:
+        raise
+    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError/KeyError on damaged files
+        raise DataError(f"Cache entry {entry} is not valid: {type(exc).__name__}: {exc}.") from exc
+    metadata = dict(meta["metadata"])
+    metadata["cache_path"] = str(entry)
+    return FeatureSet(
+        train=splits["train"], val=splits["val"], test=splits["test"], unlabeled=splits["unlabeled"],
+        unlabeled_true_y=true_y, n_classes=int(meta["n_classes"]), class_names=tuple(meta["class_names"]),
+        weight=head["weight"], bias=head["bias"], key=meta["key"], metadata=metadata,
+    )
+
+
+# -- building ------------------------------------------------------------------------------------
+
+
+def build_features(
+    dataset: str,
+    *,
+    rho: float | None,
+    backbone: str = "cnn",
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    **opts,
+) -> FeatureSet:
+    """Frozen-backbone features of a long-tailed dataset, built once and cached on disk.
+
+    Args:
+        dataset: ``digits``, ``mnist``, ``cifar10``, ``cifar100``, ``imagefolder`` or ``npz``.
+        rho: labeled imbalance ratio (>= 1; 1 = balanced). ``npz`` also takes None (train as given).
+        backbone: ``"cnn"`` (trained here), ``"identity"`` (flattened pixels), a torchvision model name
+            (with ``weights=<checkpoint>``) or ``"package.module:function"``.
+        cache_dir: where entries live; default :func:`default_cache_dir`.
+        seed: splits, CNN training and the ERM head.
+        **opts: see :data:`OPTION_DEFAULTS` (root, n_val, n_test, n_max, rho_unlabeled,
+            n_max_unlabeled, keep_maps, dtype, weights, device, batch_size, progress, epochs, ...).
+
+    Returns:
+        A read-only FeatureSet whose arrays are memory-mapped views of the cache entry.
+        ``metadata["build_args"]`` holds (dataset, rho, backbone, seed, opts) for :func:`rebuild_features`;
+        ``metadata["cache_hit"]`` says whether this call read an existing entry.
+    """
+    options = _resolve_options(dataset, rho, backbone, seed, opts)
+    build_args = {
+        "dataset": dataset, "rho": rho, "backbone": backbone, "seed": int(seed),
+        "opts": {k: _jsonable(v, k) for k, v in opts.items() if k not in ("progress",)},
+    }
+    fields = cache_key_fields(dataset, rho=rho, backbone=backbone, seed=seed, options=options)
+    key = cache_key(fields)
+    entry = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / key
+
+    if entry.exists():
+        try:
+            features = load_cached(entry, verify=options["verify"])
+            features.metadata["cache_hit"] = True
+            return features
+        except DataError as exc:
+            warnings.warn(f"{exc} Rebuilding it.", stacklevel=2)
+            trash = entry.with_name(f".trash-{key}-{uuid.uuid4().hex[:8]}")
+            os.rename(entry, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    built = _build(dataset, rho=rho, backbone=backbone, seed=int(seed), options=options)
+    metadata = {
+        **built.metadata,
+        "build_args": build_args,
+        "dataset": dataset,
+        "rho": rho,
+        "backbone": backbone,
+        "seed": int(seed),
+        "dtype": options["dtype"],
+        "keep_maps": bool(options["keep_maps"]),
+        "key_fields": fields,
+    }
+    built = FeatureSet(**{**_fields_of(built), "key": key, "metadata": metadata})
+    started = time.perf_counter()
+    _write_entry(entry, built)
+    features = load_cached(entry)
+    features.metadata["cache_hit"] = False
+    features.metadata["timings"]["write_s"] = time.perf_counter() - started
+    return features
+
+
+def rebuild_features(build_args: dict, *, cache_dir: str | os.PathLike | None = None, **overrides) -> FeatureSet:
+    """Call :func:`build_features` again from a FeatureSet's ``metadata["build_args"]``."""
+    opts = {**build_args.get("opts", {}), **overrides}
+    return build_features(
+        build_args["dataset"], rho=build_args["rho"], backbone=build_args.get("backbone", "cnn"),
+        seed=build_args.get("seed", 0), cache_dir=cache_dir, **opts,
+    )
+
+
+def _fields_of(features: FeatureSet) -> dict:
+    names = ("train", "val", "test", "unlabeled", "unlabeled_true_y", "n_classes", "class_names", "weight",
+             "bias", "key", "metadata", "block")
+    return {name: getattr(features, name) for name in names}
+
+
+def _build(dataset: str, *, rho, backbone: str, seed: int, options: dict) -> FeatureSet:
+    """Cold path: read the data, split, prepare the backbone, extract every split, fit the head."""
+    from .backbones import backbone_kind, resolve_device, torch_threads
+
+    device = resolve_device(options["device"])
+    threads = options["num_threads"]
+    if threads == "auto":
+        threads = 1 if device.type == "cpu" and backbone_kind(backbone) == "cnn" else None
+    with torch_threads(threads):
+        return _build_with(dataset, rho=rho, backbone=backbone, seed=seed, options=options, device=device)
+
+
+def _build_with(dataset: str, *, rho, backbone: str, seed: int, options: dict, device) -> FeatureSet:
+    from .backbones import CNNSettings, fit_erm_head, prepare_backbone
+    from .data import load_dataset
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    raw = load_dataset(dataset, root=options["root"], image_size=options["image_size"] if dataset == "imagefolder" else None,
+                       download=options["download"])
+    plan = plan_splits(
+        raw, rho=rho, seed=seed, n_val=options["n_val"], n_test=options["n_test"], n_max=options["n_max"],
+        rho_unlabeled=options["rho_unlabeled"], n_max_unlabeled=options["n_max_unlabeled"],
+    )
+    K = raw.n_classes
+    timings["load_s"] = time.perf_counter() - started
+    dtype = np.dtype(options["dtype"])
+    precomputed = raw.kind == "features"
+
+    def load(source):
+        return raw.pools[source.pool].load(source.indices)
+
+    backbone_info: dict[str, Any] = {"kind": "precomputed"} if precomputed else {}
+    if precomputed and options["keep_maps"]:
+        raise DataError("keep_maps=True needs images; this npz file holds (n, d) features.")
+    prepared = None
+    if not precomputed:
+        transform = _make_transform(options)
+        first = plan.splits["train"]
+        sample = raw.pools[first.pool].load(first.indices[:1])
+        started = time.perf_counter()
+        prepared = prepare_backbone(
+            backbone, n_classes=K, in_channels=sample.shape[1], keep_maps=bool(options["keep_maps"]),
+            device=device, seed=seed, weights=options["weights"],
+            cnn=CNNSettings(**{k: options[k] for k in _CNN_OPTIONS}),
+            train_images=lambda: (load(plan.splits["train"]), plan.splits["train"].labels),
+            transform=transform, progress=options["progress"],
+        )
+        timings["backbone_s"] = time.perf_counter() - started
+        backbone_info = prepared.info
+
+    started = time.perf_counter()
+    outputs: dict[str, Split | None] = {}
+    n_images = 0
+    for name, source in plan.splits.items():
+        if source is None:
+            outputs[name] = None
+            continue
+        if precomputed:
+            x, maps = load(source).astype(dtype), None
+        else:
+            x, maps = _extract(prepared, raw.pools[source.pool], source.indices, transform, options, device, dtype, name)
+            n_images += len(source.indices)
+        y = source.labels if name != "unlabeled" else np.full(len(source.indices), -1, np.int64)
+        outputs[name] = Split(x=x, y=y.astype(np.int64), maps=maps)
+    timings["extract_s"] = time.perf_counter() - started
+    timings["images_per_s"] = n_images / timings["extract_s"] if n_images and timings["extract_s"] > 0 else None
+
+    if prepared is not None and prepared.head is not None:
+        weight, bias = prepared.head
+        head_source = "backbone"
+    else:
+        started = time.perf_counter()
+        weight, bias = fit_erm_head(
+            outputs["train"].x, outputs["train"].y, n_classes=K, steps=options["head_steps"],
+            lr=options["head_lr"], seed=seed, device=device,
+        )
+        timings["head_s"] = time.perf_counter() - started
+        head_source = "erm"
+
+    unlabeled_true_y = None
+    if plan.splits.get("unlabeled") is not None:
+        unlabeled_true_y = plan.splits["unlabeled"].labels.astype(np.int64)
+    metadata = {
+        "head_source": head_source,
+        "backbone_info": backbone_info,
+        "feature_dim": int(outputs["train"].x.shape[1]),
+        "split_sizes": {k: (None if v is None else len(v)) for k, v in outputs.items()},
+        "train_counts": np.bincount(outputs["train"].y, minlength=K).tolist(),
+        "sizes": {k: (int(v) if v is not None else None) for k, v in plan.sizes.items()},
+        "images_extracted": n_images,
+        "timings": timings,
+    }
+    return FeatureSet(
+        train=outputs["train"], val=outputs["val"], test=outputs["test"], unlabeled=outputs["unlabeled"],
+        unlabeled_true_y=unlabeled_true_y, n_classes=K, class_names=raw.class_names,
+        weight=np.ascontiguousarray(weight, np.float32), bias=np.ascontiguousarray(bias, np.float32),
+        metadata=metadata,
+    )
+
+
+def _make_transform(options: dict):
+    """(m, C, H, W) float32 in [0, 1] -> what the backbone sees (resize, then normalisation)."""
+    import torch
+
+    from .backbones import IMAGENET_MEAN, IMAGENET_STD
+
+    size, normalize = options["image_size"], options["normalize"]
+
+    def transform(images: torch.Tensor) -> torch.Tensor:
+        if size is not None and tuple(images.shape[-2:]) != (size, size):
+            images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        if normalize == "imagenet":  # an RGB ImageNet-style model: grayscale is repeated to RGB first
+            if images.shape[1] == 1:
+                images = images.expand(-1, 3, -1, -1)
+            mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device)[:, None, None]
+            std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device)[:, None, None]
+            images = (images - mean) / std
+        return images
+
+    return transform
+
+
+def _extract(prepared, pool, indices, transform, options, device, dtype, name):
+    """Run the frozen backbone over ``indices`` in batches; returns (x (n, d), maps (n, C, H, W) | None)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    batch_size = options["batch_size"]
+    xs, maps_parts = [], []
+    starts = range(0, len(indices), batch_size)
+    with torch.inference_mode():
+        for start in tqdm(starts, desc=f"extracting {name}", disable=not options["progress"], leave=False):
+            batch = torch.from_numpy(np.ascontiguousarray(pool.load(indices[start:start + batch_size]), np.float32))
+            x, maps = prepared.extract(transform(batch.to(device)))
+            xs.append(x.float().cpu().numpy().astype(dtype))
+            if maps is not None:
+                maps_parts.append(maps.float().cpu().numpy().astype(dtype))
+    if not xs:
+        raise DataError(f"The {name} split is empty; check n_val/n_test/n_max.")
+    maps = np.concatenate(maps_parts) if maps_parts else None
+    return np.concatenate(xs), maps

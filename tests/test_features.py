@@ -1,0 +1,297 @@
+"""Feature building and the on-disk cache (selmix_ray.features, selmix_ray.backbones)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+
+import selmix_ray.backbones as backbones
+import selmix_ray.data as data
+from selmix_ray.errors import ConfigError, DataError
+from selmix_ray.features import (
+    FeatureSet,
+    build_features,
+    cache_key,
+    cache_key_fields,
+    load_cached,
+    rebuild_features,
+)
+
+QUIET = {"progress": False}
+
+
+def entries(cache_dir):
+    return sorted(p.name for p in cache_dir.iterdir() if not p.name.startswith("."))
+
+
+def forbid_cold_path(monkeypatch):
+    """A cache hit must neither read images nor run a backbone: make both raise."""
+    def boom(*args, **kwargs):
+        raise AssertionError("cold path ran on what should be a cache hit")
+
+    monkeypatch.setattr(data, "load_dataset", boom)
+    monkeypatch.setattr(backbones, "prepare_backbone", boom)
+
+
+@pytest.fixture
+def digits_identity(tmp_path):
+    return build_features("digits", rho=10, backbone="identity", cache_dir=tmp_path, **QUIET)
+
+
+def test_identity_features_are_pixels_and_head_is_fitted(digits_identity):
+    fs = digits_identity
+    assert isinstance(fs, FeatureSet) and fs.n_classes == 10 and fs.dim == 64
+    assert fs.train_counts.tolist() == data.long_tail_counts(104, 10, 10).tolist()
+    assert np.bincount(fs.val.y).tolist() == [20] * 10 and np.bincount(fs.test.y).tolist() == [50] * 10
+    raw = data.load_dataset("digits")
+    plan = data.plan_splits(raw, rho=10, seed=0)
+    np.testing.assert_array_equal(fs.test.x, raw.pools["train"].load(plan.splits["test"].indices).reshape(-1, 64))
+    assert fs.metadata["head_source"] == "erm"
+    accuracy = ((fs.test.x @ fs.weight.T + fs.bias).argmax(1) == fs.test.y).mean()
+    assert accuracy > 0.8  # logistic regression on 8x8 digits
+    meta = fs.metadata
+    assert meta["build_args"] == {"dataset": "digits", "rho": 10, "backbone": "identity", "seed": 0, "opts": {}}
+    assert (meta["dataset"], meta["rho"], meta["backbone"], meta["dtype"]) == ("digits", 10, "identity", "float32")
+    json.dumps(meta)
+
+
+def test_cache_hit_is_identical_zero_copy_and_runs_nothing(digits_identity, tmp_path, monkeypatch):
+    first = digits_identity
+    assert first.metadata["cache_hit"] is False
+    forbid_cold_path(monkeypatch)
+    second = build_features("digits", rho=10, backbone="identity", cache_dir=tmp_path, **QUIET)
+    assert second.metadata["cache_hit"] is True and second.key == first.key
+    for name in ("train", "val", "test"):
+        a, b = getattr(first, name), getattr(second, name)
+        np.testing.assert_array_equal(a.x, b.x)
+        np.testing.assert_array_equal(a.y, b.y)
+        assert not b.x.flags.writeable and not b.x.flags.owndata  # a view over the memory map
+    np.testing.assert_array_equal(first.weight, second.weight)
+    assert entries(tmp_path) == [first.key]
+
+
+def test_rebuild_from_build_args_hits_cache(digits_identity, tmp_path, monkeypatch):
+    forbid_cold_path(monkeypatch)
+    args = json.loads(json.dumps(digits_identity.metadata["build_args"]))  # as a run manifest stores it
+    again = rebuild_features(args, cache_dir=tmp_path, progress=False)
+    assert again.key == digits_identity.key
+
+
+BASE = dict(dataset="digits", rho=10, backbone="identity", seed=0)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"seed": 1},
+        {"rho": 5},
+        {"n_val": 19},
+        {"n_test": 49},
+        {"n_max": 100},
+        {"rho_unlabeled": 0.5},
+        {"n_max_unlabeled": 8, "rho_unlabeled": 0.5},
+        {"dtype": "float16"},
+        {"image_size": 6},
+        {"head_steps": 50},
+    ],
+)
+def test_changing_one_key_field_misses(digits_identity, tmp_path, change):
+    args = {**BASE, **change}
+    dataset = args.pop("dataset")
+    fs = build_features(dataset, cache_dir=tmp_path, **args, **QUIET)
+    assert fs.metadata["cache_hit"] is False and fs.key != digits_identity.key
+    assert len(entries(tmp_path)) == 2
+
+
+def key_for(backbone="cnn", **options):
+    from selmix_ray.features import _resolve_options
+
+    full = _resolve_options("digits", 10, backbone, 0, options)
+    return cache_key(cache_key_fields("digits", rho=10, backbone=backbone, seed=0, options=full))
+
+
+def test_key_covers_backbone_fields_and_ignores_execution(tmp_path):
+    base = key_for()
+    for change in ({"epochs": 3}, {"lr": 1e-3}, {"width": 8}, {"train_batch_size": 32}, {"weight_decay": 0.0},
+                   {"keep_maps": True}, {"normalize": "imagenet"}):
+        assert key_for(**change) != base, change
+    assert key_for("identity") != base
+    for same in ({"device": "cpu"}, {"batch_size": 7}, {"progress": False}, {"num_threads": 2}, {"verify": True}):
+        assert key_for(**same) == base, same
+    ckpt = tmp_path / "w.pt"
+    ckpt.write_bytes(b"one")
+    first = key_for("resnet18", weights=str(ckpt))
+    ckpt.write_bytes(b"two")  # same path, other bytes
+    assert key_for("resnet18", weights=str(ckpt)) != first
+
+
+def test_truncated_or_incomplete_entry_is_rebuilt(digits_identity, tmp_path):
+    entry = tmp_path / digits_identity.key
+    original = np.array(digits_identity.train.x)
+    train_file = entry / "train.arrow"
+    data_bytes = train_file.read_bytes()
+    train_file.write_bytes(data_bytes[: len(data_bytes) // 2])
+    with pytest.raises(DataError, match="train.arrow has .* bytes, the manifest says"):
+        load_cached(entry)
+    with pytest.warns(UserWarning, match="Rebuilding"):
+        again = build_features("digits", rho=10, backbone="identity", cache_dir=tmp_path, **QUIET)
+    assert again.metadata["cache_hit"] is False
+    np.testing.assert_array_equal(again.train.x, original)
+
+    (entry / "manifest.json").unlink()  # as after a crash before the manifest was written
+    with pytest.raises(DataError, match="no manifest"):
+        load_cached(entry)
+    with pytest.warns(UserWarning, match="Rebuilding"):
+        build_features("digits", rho=10, backbone="identity", cache_dir=tmp_path, **QUIET)
+    assert load_cached(entry).key == digits_identity.key
+
+
+def test_flipped_byte_caught_by_verify(digits_identity, tmp_path):
+    path = tmp_path / digits_identity.key / "val.arrow"
+    raw = bytearray(path.read_bytes())
+    raw[-200] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="sha256"):
+        load_cached(path.parent, verify=True)
+
+
+def test_unlabeled_pool_and_float16(tmp_path):
+    fs = build_features("digits", rho=10, backbone="identity", cache_dir=tmp_path, rho_unlabeled=0.5,
+                        n_max=50, dtype="float16", **QUIET)
+    assert fs.train.x.dtype == np.float16 and fs.weight.dtype == np.float32
+    assert np.all(fs.unlabeled.y == -1)
+    n_u = fs.metadata["sizes"]["n_max_unlabeled"]
+    assert np.bincount(fs.unlabeled_true_y, minlength=10).tolist() == data.long_tail_counts(n_u, 0.5, 10).tolist()
+    rows = {r.tobytes() for r in fs.unlabeled.x}
+    assert not rows & {r.tobytes() for r in fs.val.x} and not rows & {r.tobytes() for r in fs.test.x}
+
+
+def test_cnn_backbone_head_maps_and_determinism(tmp_path):
+    opts = dict(rho=10, backbone="cnn", epochs=1, keep_maps=True, **QUIET)
+    fs = build_features("digits", cache_dir=tmp_path / "a", **opts)
+    assert fs.metadata["head_source"] == "backbone" and fs.dim == 64
+    assert fs.train.maps.shape == (len(fs.train), 64, 2, 2)
+    np.testing.assert_allclose(fs.train.x, fs.train.maps.mean(axis=(2, 3)), rtol=1e-5, atol=1e-5)
+    twin = build_features("digits", cache_dir=tmp_path / "b", **opts)  # cold again, same seed
+    np.testing.assert_array_equal(fs.test.x, twin.test.x)
+    np.testing.assert_array_equal(fs.weight, twin.weight)
+
+
+def test_torchvision_checkpoint(tmp_path):
+    import torch
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10)
+    state = model.state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "r18.pt")
+    with pytest.warns(UserWarning, match="1 unexpected keys"):
+        fs = build_features("digits", rho=10, backbone="resnet18", weights=tmp_path / "r18.pt",
+                            cache_dir=tmp_path, n_max=30, **QUIET)
+    assert fs.metadata["head_source"] == "backbone" and fs.dim == 512
+    np.testing.assert_array_equal(fs.weight, model.fc.weight.detach().numpy())
+    assert fs.metadata["backbone_info"]["unexpected_keys"] == ["extra.weight"]
+    # independent reference: the same network with fc = Identity on ImageNet-normalised 3-channel pixels
+    model.fc = torch.nn.Identity()
+    model.eval()
+    raw = data.load_dataset("digits")
+    indices = data.plan_splits(raw, rho=10, n_max=30, seed=0).splits["test"].indices[:40]
+    images = torch.from_numpy(raw.pools["train"].load(indices)).expand(-1, 3, -1, -1)
+    mean = torch.tensor(backbones.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(backbones.IMAGENET_STD)[:, None, None]
+    with torch.no_grad():
+        expected = model((images - mean) / std).numpy()
+    np.testing.assert_allclose(fs.test.x[:40], expected, rtol=1e-4, atol=1e-4)
+    json.dumps(fs.metadata)
+
+    torch.save(resnet18(num_classes=7).state_dict(), tmp_path / "r18_7.pt")  # other classes: ERM head
+    fs7 = build_features("digits", rho=10, backbone="resnet18", weights=tmp_path / "r18_7.pt",
+                         cache_dir=tmp_path, n_max=30, head_steps=20, **QUIET)
+    assert fs7.metadata["head_source"] == "erm" and fs7.weight.shape == (10, 512)
+    with pytest.raises(DataError, match="needs weights="):
+        build_features("digits", rho=10, backbone="resnet18", cache_dir=tmp_path, **QUIET)
+
+
+FACTORY = textwrap.dedent(
+    """
+    import torch
+    calls = []
+
+    def make(*, n_classes, in_channels):
+        calls.append(n_classes)
+        trunk = torch.nn.Sequential(torch.nn.Conv2d(in_channels, 5, 3, padding=1), torch.nn.ReLU())
+        return trunk, torch.nn.Linear(5, n_classes)
+
+    def broken(*, n_classes, in_channels):
+        raise RuntimeError("the backbone ran")
+    """
+)
+
+
+def test_user_factory_and_cache_hit_without_calling_it(tmp_path, monkeypatch):
+    (tmp_path / "my_backbones.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_backbones
+
+    cache = tmp_path / "cache"
+    fs = build_features("digits", rho=5, backbone="my_backbones:make", cache_dir=cache, keep_maps=True, **QUIET)
+    assert my_backbones.calls == [10] and fs.dim == 5 and fs.train.maps.shape[1:] == (5, 8, 8)
+    assert fs.metadata["head_source"] == "backbone"
+    hit = build_features("digits", rho=5, backbone="my_backbones:make", cache_dir=cache, keep_maps=True, **QUIET)
+    assert my_backbones.calls == [10] and hit.metadata["cache_hit"]
+    with pytest.raises(RuntimeError, match="the backbone ran"):
+        build_features("digits", rho=5, backbone="my_backbones:broken", cache_dir=cache, **QUIET)
+
+
+def test_npz_precomputed(tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = {f"x_{s}": rng.normal(size=(n, 4)).astype(np.float32) for s, n in [("train", 20), ("val", 6), ("test", 6)]}
+    arrays |= {f"y_{s}": np.arange(n) % 2 for s, n in [("train", 20), ("val", 6), ("test", 6)]}
+    np.savez(tmp_path / "f.npz", **arrays)
+    fs = build_features("npz", rho=None, root=tmp_path / "f.npz", cache_dir=tmp_path / "c", **QUIET)
+    np.testing.assert_array_equal(fs.train.x, arrays["x_train"])
+    assert fs.metadata["backbone_info"] == {"kind": "precomputed"} and fs.metadata["head_source"] == "erm"
+
+
+def test_bad_arguments_listed_together(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        build_features("svhn", rho=0.5, cache_dir=tmp_path, dtype="int8", colour=True)
+    text = str(info.value)
+    assert len(info.value.problems) == 4
+    for part in ("Unknown dataset 'svhn'", "rho >= 1", "dtype must be one of", "unknown option(s) colour"):
+        assert part in text
+    with pytest.raises(DataError, match="n_max=500"):
+        build_features("digits", rho=10, backbone="identity", n_max=500, cache_dir=tmp_path, **QUIET)
+    with pytest.raises(DataError, match="keep_maps=True needs"):
+        build_features("digits", rho=10, backbone="identity", keep_maps=True, cache_dir=tmp_path, **QUIET)
+    with pytest.raises(DataError, match="Unknown backbone 'resnet_9000'"):
+        build_features("digits", rho=10, backbone="resnet_9000", weights="x.pt", cache_dir=tmp_path, **QUIET)
+    assert entries(tmp_path) == []  # nothing half-written
+
+
+def test_object_store_round_trip_is_zero_copy(ray_cluster, digits_identity):
+    import ray
+
+    ref = digits_identity.to_object_store()
+
+    @ray.remote(num_cpus=0)
+    def inspect(payload):
+        fs = FeatureSet.from_object_store(payload)
+        x = payload["train"]["x"]
+        return {
+            "writeable": bool(x.flags.writeable),
+            "owndata": bool(x.flags.owndata),
+            "has_base": x.base is not None,
+            "fs_writeable": bool(fs.train.x.flags.writeable),
+            "checksum": float(np.asarray(fs.train.x, np.float64).sum()),
+        }
+
+    facts = ray.get(inspect.remote(ref))  # a top-level ObjectRef argument arrives as the fetched dict
+    assert facts == {"writeable": False, "owndata": False, "has_base": True, "fs_writeable": False,
+                     "checksum": float(np.asarray(digits_identity.train.x, np.float64).sum())}
+    local = FeatureSet.from_object_store(ref)
+    np.testing.assert_array_equal(local.val.x, digits_identity.val.x)
