@@ -176,8 +176,8 @@ def load_space(path_or_dict: str | os.PathLike | dict, *, features=None) -> Sear
     return dataclasses.replace(space, source=source)
 
 
-def read_yaml(path: str) -> Any:
-    """Parse a YAML file; ``1e-3`` is read as a float (plain YAML 1.1 would give the string '1e-3')."""
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text; ``1e-3`` is read as a float (plain YAML 1.1 would give the string '1e-3')."""
     import yaml
 
     class _Loader(yaml.SafeLoader):
@@ -195,12 +195,19 @@ def read_yaml(path: str) -> Any:
         ),
         list("-+0123456789."),
     )
+    return yaml.load(text, Loader=_Loader)
+
+
+def read_yaml(path: str) -> Any:
+    """Read a YAML file with :func:`parse_yaml`; a missing or malformed file is a ConfigError."""
+    import yaml
+
     if not os.path.isfile(path):
         raise ConfigError(f"the file {path!r} does not exist; pass the path of a YAML search space.",
                           where="search space")
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.load(f, Loader=_Loader)
+            return parse_yaml(f.read())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}", where="search space") from err
 
