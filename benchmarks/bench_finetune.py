@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import time
 
-import numpy as np
-import torch
+# One thread for BLAS and torch, as Ray gives a 1-CPU trial (OMP_NUM_THREADS=1); set before numpy loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from selmix_ray.featureset import FeatureSet, Split
-from selmix_ray.finetune import FinetuneConfig, Trainer, finetune
-from selmix_ray.gain import gain_matrix
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from selmix_ray.featureset import FeatureSet, Split  # noqa: E402
+from selmix_ray.finetune import FinetuneConfig, Trainer, finetune  # noqa: E402
+from selmix_ray.gain import gain_matrix  # noqa: E402
 
 
 def parse_seeds(text: str) -> list[int]:
