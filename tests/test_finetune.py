@@ -317,3 +317,20 @@ def test_selmix_raises_validation_min_recall_on_long_tailed_digits(digits):
     start = reports[0]["val/min_recall"]
     assert reports[-1][SCORE_KEY] > start + 0.05, [r["val/min_recall"] for r in reports]
     assert history.best_step > 0
+
+
+def test_cross_fitted_posthoc_scores_are_not_above_in_sample_scores_on_average():
+    from selmix_ray.metrics import confusion_counts
+    from selmix_ray.posthoc import fit_correction
+
+    cross_fitted, in_sample = [], []
+    for seed in range(4):
+        features = synthetic_features(seed=seed, rho=20.0)
+        trainer = Trainer(features, FinetuneConfig(steps=0, eval_every=1, posthoc="class_weights", device="cpu"))
+        cross_fitted.append(trainer.run_until(0)["val/objective"])
+        logits, labels = trainer._val_logits(), features.val.y
+        correction = fit_correction("class_weights", logits, labels, trainer.scorer,
+                                    train_counts=features.train_counts)
+        counts = confusion_counts(labels, correction.apply(logits).argmax(axis=1), features.n_classes)
+        in_sample.append(trainer.scorer.value(counts / counts.sum()))
+    assert np.mean(cross_fitted) <= np.mean(in_sample), (cross_fitted, in_sample)
