@@ -341,6 +341,7 @@ def _torchvision_backbone(spec, *, weights, n_classes, keep_maps, device) -> Pre
             stacklevel=3,
         )
     head = _linear_head(linear) if linear.out_features == n_classes else None
+    head_in_features = linear.in_features
     _replace_module(model, head_name, nn.Identity())
     model.eval().to(device)
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
@@ -359,6 +360,11 @@ def _torchvision_backbone(spec, *, weights, n_classes, keep_maps, device) -> Pre
         x = model(images).flatten(1)
         maps = captured.pop("maps", None) if keep_maps else None
         if maps is not None:
+            if maps.shape[1] != head_in_features:
+                raise DataError(
+                    f"keep_maps=True needs the classifier right after avgpool (as in ResNets), but {spec!r} "
+                    f"pools {maps.shape[1]} channels and its classifier takes {head_in_features} features."
+                )
             x = maps.mean(dim=(2, 3))
         return x, maps
 

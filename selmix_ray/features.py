@@ -103,6 +103,11 @@ def _jsonable(value, name: str):
     return value
 
 
+def _absolute(path):
+    """Paths saved for a later rebuild must not depend on the working directory."""
+    return None if path is None else str(Path(path).expanduser().resolve())
+
+
 def _resolve_options(dataset: str, rho, backbone: str, seed, opts: dict) -> dict:
     """Validate everything at once (one ConfigError listing every problem); return all options."""
     from .backbones import backbone_kind
@@ -369,7 +374,8 @@ def build_features(
     options = _resolve_options(dataset, rho, backbone, seed, opts)
     build_args = {
         "dataset": dataset, "rho": rho, "backbone": backbone, "seed": int(seed),
-        "opts": {k: _jsonable(v, k) for k, v in opts.items() if k not in ("progress",)},
+        "opts": {k: _jsonable(_absolute(v) if k in ("root", "weights") else v, k)
+                 for k, v in opts.items() if k != "progress"},
     }
     fields = cache_key_fields(dataset, rho=rho, backbone=backbone, seed=seed, options=options)
     key = cache_key(fields)

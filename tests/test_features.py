@@ -180,6 +180,7 @@ def test_cnn_backbone_head_maps_and_determinism(tmp_path):
     np.testing.assert_array_equal(fs.weight, twin.weight)
 
 
+@pytest.mark.slow  # resnet18 built four times: 5-25 s here, depending on load
 def test_torchvision_checkpoint(tmp_path):
     import torch
     from torchvision.models import resnet18
@@ -255,6 +256,7 @@ def test_npz_precomputed(tmp_path):
     fs = build_features("npz", rho=None, root=tmp_path / "f.npz", cache_dir=tmp_path / "c", **QUIET)
     np.testing.assert_array_equal(fs.train.x, arrays["x_train"])
     assert fs.metadata["backbone_info"] == {"kind": "precomputed"} and fs.metadata["head_source"] == "erm"
+    assert fs.metadata["build_args"]["opts"]["root"] == str((tmp_path / "f.npz").resolve())  # cwd-proof
 
 
 def test_bad_arguments_listed_together(tmp_path):
