@@ -360,7 +360,6 @@ class Trainer:
     """
 
     def __init__(self, features: FeatureSet, config: FinetuneConfig, *, state: FinetuneState | None = None):
-        from .objectives import get_objective
         self.features, self.config = features, config
         self.K = K = features.n_classes
         self.device = _resolve_device(config.device)
