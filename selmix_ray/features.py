@@ -65,10 +65,11 @@ OPTION_DEFAULTS: dict[str, Any] = {
     # backbone
     "weights": None,  # torchvision models: local checkpoint file (a state_dict)
     "epochs": 20,  # CNN: training passes over the labeled split
-    "lr": 2e-3,  # CNN: Adam learning rate
+    "lr": 6e-3,  # CNN: Adam learning rate
     "weight_decay": 5e-4,  # CNN: Adam weight decay
     "width": 16,  # CNN: first block's channels (feature dimension 4 * width)
     "train_batch_size": 64,  # CNN: training batch size
+    "augment": True,  # CNN: random shifts while training
     "head_steps": 300,  # ERM head (identity / mismatched classifier): full-batch Adam steps
     "head_lr": 0.01,  # ERM head: Adam learning rate
     # execution (not part of the cache key)
@@ -79,7 +80,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "verify": False,  # on a cache hit, also check every file's sha256 (sizes are always checked)
 }
 _EXECUTION_OPTIONS = ("device", "batch_size", "num_threads", "progress", "verify")
-_CNN_OPTIONS = ("epochs", "lr", "weight_decay", "width", "train_batch_size")
+_CNN_OPTIONS = ("epochs", "lr", "weight_decay", "width", "train_batch_size", "augment")
 
 
 def default_cache_dir() -> Path:

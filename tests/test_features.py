@@ -115,7 +115,7 @@ def key_for(backbone="cnn", **options):
 
 def test_key_covers_backbone_fields_and_ignores_execution(tmp_path):
     base = key_for()
-    for change in ({"epochs": 3}, {"lr": 1e-3}, {"width": 8}, {"train_batch_size": 32}, {"weight_decay": 0.0},
+    for change in ({"epochs": 3}, {"lr": 1e-3}, {"augment": False}, {"width": 8}, {"train_batch_size": 32}, {"weight_decay": 0.0},
                    {"keep_maps": True}, {"normalize": "imagenet"}):
         assert key_for(**change) != base, change
     assert key_for("identity") != base
