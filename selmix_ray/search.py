@@ -127,7 +127,7 @@ def search(
 
     journal = _local_journal(location)
     tune_config, run_config = _tuner_configs(search_space, manifest, location, journal)
-    tuner = tune.Tuner(_trainable(features, search_space, manifest), tune_config=tune_config,
+    tuner = tune.Tuner(_trainable(features, search_space, manifest, location), tune_config=tune_config,
                        run_config=run_config)
     _fit(tuner, location, journal)
     return _load_run(location)
@@ -164,7 +164,7 @@ def resume(path: str | os.PathLike, *, features=None, address: str | None = None
     from ray import tune
 
     journal = _local_journal(location, restore=True)
-    trainable = _trainable(features, stored_space, manifest)
+    trainable = _trainable(features, stored_space, manifest, location)
     if not tune.Tuner.can_restore(location.path):
         raise ExperimentError(
             f"Cannot resume {location.path}: Ray Tune saved no experiment state there yet (the sweep was "
@@ -434,12 +434,14 @@ def _init_ray(address: str | None) -> None:
              logging_level=logging.WARNING, configure_logging=True)
 
 
-def _trainable(features, search_space, manifest):
+def _trainable(features, search_space, manifest, location):
     from ray import tune
 
     from .trainable import run_trial, trial_settings
 
-    settings = trial_settings(search_space.to_dict(), repeats=manifest["repeats"], seed=manifest["seed"])
+    fault_dir = location.local_path or os.path.join(tempfile.gettempdir(), f"selmix_{location.name}")
+    settings = trial_settings(search_space.to_dict(), repeats=manifest["repeats"], seed=manifest["seed"],
+                              fault_dir=fault_dir)
     resources = dict(manifest["resources_per_trial"])
     trainable = tune.with_parameters(run_trial, features=features.to_object_store(), settings=settings)
     return tune.with_resources(trainable, resources)

@@ -12,11 +12,12 @@ retried trial (worker crash, node loss) restarts from its last report, not from 
 
 Ray is imported lazily (inside the functions), so importing this module starts nothing.
 
-Test-only fault hook: ``settings["fault_at_step"] = N`` makes the trial raise once, right after it has
-checkpointed step N, so the retry path can be tested. ``search`` fills it from the environment variable
-``SELMIX_RAY_TEST_FAULT_AT_STEP`` of the *driver* (worker processes of an already running cluster do not
-see the driver's environment). A marker file in the trial directory makes it fire once per trial. Never
-set it outside tests.
+Test-only fault hook: ``settings["fault_at_step"] = N`` makes a trial raise once, right after it has
+checkpointed step N, so the retry path can be tested. ``search`` fills it from the environment variables
+``SELMIX_RAY_TEST_FAULT_AT_STEP`` and ``SELMIX_RAY_TEST_FAULT_MAX_TRIALS`` (default: every trial) of the
+*driver* (workers of an already running cluster do not see the driver's environment). Marker files in
+a folder the driver names make it fire once per trial, in at most that many trials. Never set them
+outside tests.
 """
 
 from __future__ import annotations
@@ -28,27 +29,32 @@ from typing import Any
 
 from .constants import HISTORY_FILE, STATE_FILE, STEP_KEY
 
-__all__ = ["run_trial", "trial_settings", "FAULT_ENV", "TrialFault"]
+__all__ = ["run_trial", "trial_settings", "FAULT_ENV", "FAULT_LIMIT_ENV", "TrialFault"]
 
 FAULT_ENV = "SELMIX_RAY_TEST_FAULT_AT_STEP"  # test-only: the step after whose checkpoint a trial raises once
-_FAULT_MARKER = ".selmix_test_fault_raised"
+FAULT_LIMIT_ENV = "SELMIX_RAY_TEST_FAULT_MAX_TRIALS"  # test-only: at most this many trials raise
+_FAULT_MARKERS = ".selmix_test_faults"  # folder of marker files (one per trial that raised)
 
 
 class TrialFault(RuntimeError):
     """Raised on purpose by the test-only fault hook (never in normal use)."""
 
 
-def trial_settings(space: dict[str, Any], *, repeats: int, seed: int) -> dict[str, Any]:
+def trial_settings(space: dict[str, Any], *, repeats: int, seed: int, fault_dir: str | None = None
+                   ) -> dict[str, Any]:
     """What every trial of a sweep shares besides the features (small; pickled into the trainable).
 
-    ``space`` is ``SearchSpace.to_dict()``. The test-only fault hook is read here, on the driver.
+    ``space`` is ``SearchSpace.to_dict()``. The test-only fault hook is read here, on the driver;
+    ``fault_dir`` is where its marker files go (a folder every worker of a one-machine test can reach).
     """
-    fault = os.environ.get(FAULT_ENV)
+    fault, limit = os.environ.get(FAULT_ENV), os.environ.get(FAULT_LIMIT_ENV)
     return {
         "space": space,
         "repeats": int(repeats),
         "seed": int(seed),
         "fault_at_step": int(fault) if fault else None,
+        "fault_max_trials": int(limit) if limit else None,
+        "fault_dir": fault_dir,
     }
 
 
@@ -81,7 +87,8 @@ def run_trial(config: dict[str, Any], *, features: dict[str, Any], settings: dic
         with checkpoint.as_directory() as folder:
             state = _load_state(Path(folder), repeats=repeats)
 
-    reporter = _Reporter(fault_at_step=settings.get("fault_at_step"), repeats=repeats)
+    reporter = _Reporter(fault_at_step=settings.get("fault_at_step"),
+                         fault_max_trials=settings.get("fault_max_trials"), fault_dir=settings.get("fault_dir"))
     if repeats == 1:
         from .finetune import finetune
 
@@ -126,10 +133,12 @@ def _load_state(folder: Path, *, repeats: int):
 class _Reporter:
     """Pairs each engine report with the checkpoint that follows it into one ``tune.report``."""
 
-    def __init__(self, *, fault_at_step: int | None, repeats: int):
+    def __init__(self, *, fault_at_step: int | None = None, fault_max_trials: int | None = None,
+                 fault_dir: str | None = None):
         self.pending: dict[str, float] | None = None
         self.fault_at_step = fault_at_step
-        self.repeats = repeats
+        self.fault_max_trials = fault_max_trials
+        self.fault_dir = fault_dir
 
     def report(self, metrics: dict[str, float]) -> None:
         self.flush()  # a report the engine did not checkpoint still reaches Tune
@@ -161,12 +170,27 @@ class _Reporter:
             return
         from ray import tune
 
-        marker = Path(tune.get_context().get_trial_dir()) / _FAULT_MARKER
+        context = tune.get_context()
+        markers = Path(self.fault_dir or tempfile.gettempdir()) / _FAULT_MARKERS
+        marker = markers / context.get_trial_id()
         if marker.exists():
             return
-        marker.parent.mkdir(parents=True, exist_ok=True)
+        markers.mkdir(parents=True, exist_ok=True)
+        if self.fault_max_trials is not None and not _claim_fault_slot(markers, self.fault_max_trials):
+            return
         marker.write_text("raised\n", encoding="utf-8")
         raise TrialFault(f"test-only fault injected after step {self.fault_at_step} ({FAULT_ENV}).")
+
+
+def _claim_fault_slot(markers: Path, limit: int) -> bool:
+    """Atomically take one of ``limit`` slots (O_EXCL files), so concurrent trials cannot both take the last."""
+    for slot in range(limit):
+        try:
+            os.close(os.open(markers / f"slot_{slot}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            return True
+        except FileExistsError:
+            continue
+    return False
 
 
 def _history_json(states: list) -> str:

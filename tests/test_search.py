@@ -1,0 +1,268 @@
+"""Sweeps on the test session's real local Ray cluster: pruning told as PRUNED, retries from checkpoints,
+a SIGKILLed driver resumed to exactly num_samples trials with ASHA's rungs intact, and bad inputs.
+
+Trials are tiny (digits, backbone "identity", d = 64): a sweep's cost is mostly Ray workers importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from selmix_ray.constants import JOURNAL_FILE, MANIFEST_FILE, SCHEDULER_STATE_FILE, SCORE_KEY, STEP_KEY
+from selmix_ray.errors import ConfigError, ExperimentError
+
+SPACE = {
+    "objective": "min_recall",
+    "space": {
+        "method": {"choice": ["selmix", "uniform_mixup"]},
+        "lr": {"loguniform": [0.01, 10.0]},
+        "refresh_every": {"int": [2, 20], "log": True},
+    },
+    "fixed": {"steps": 40, "eval_every": 10},
+}
+DRIVER = Path(__file__).with_name("_sweep_driver.py")
+
+
+@pytest.fixture(scope="module")
+def cache_home(tmp_path_factory):
+    """A private XDG cache (features, baselines) shared with child drivers through the environment."""
+    path = tmp_path_factory.mktemp("xdg_cache")
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def digits(cache_home):
+    from selmix_ray.features import build_features
+
+    return build_features("digits", rho=10, backbone="identity")
+
+
+def _study(journal: Path, name: str):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(journal))))
+
+
+def _states(study) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for trial in study.trials:
+        out[trial.state.name] = out.get(trial.state.name, 0) + 1
+    return out
+
+
+def _results(trial_dir: Path) -> list[dict]:
+    lines = (trial_dir / "result.json").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _trial_dirs(experiment: Path) -> dict[str, Path]:
+    out = {}
+    for folder in experiment.iterdir():
+        if (folder / "result.json").is_file() and (folder / "result.json").stat().st_size:
+            out[_results(folder)[0]["trial_id"]] = folder
+    return out
+
+
+def _rungs(path: Path) -> dict[tuple[int, str], float]:
+    state = pickle.loads(path.read_bytes())
+    return {(milestone, trial_id): value for bracket in state["_brackets"]
+            for milestone, recorded in bracket._rungs for trial_id, value in recorded.items()}
+
+
+# -- bad inputs: one clear error each, before Ray is touched --------------------------------------------
+
+
+def test_unknown_parameter_is_one_config_error(digits, tmp_path):
+    space = {**SPACE, "space": {**SPACE["space"], "learning_rate": {"uniform": [0.1, 1.0]}}}
+    with pytest.raises(ConfigError, match="learning_rate"):
+        from selmix_ray.search import search
+
+        search(space, features=digits, storage=tmp_path, name="x", num_samples=2)
+    assert not (tmp_path / "x").exists()
+
+
+def test_empty_range_is_one_config_error(digits, tmp_path):
+    from selmix_ray.search import search
+
+    space = {**SPACE, "space": {**SPACE["space"], "lr": {"loguniform": [1.0, 1.0]}}}
+    with pytest.raises(ConfigError, match="empty"):
+        search(space, features=digits, storage=tmp_path, name="x", num_samples=2)
+
+
+def test_missing_features_and_bad_options_are_config_errors(digits, tmp_path):
+    from selmix_ray.search import search
+
+    with pytest.raises(ConfigError, match="features is required"):
+        search(SPACE, features=None, storage=tmp_path, name="x", num_samples=2)
+    with pytest.raises(ConfigError) as error:
+        search(SPACE, features=digits, storage=tmp_path, name="x", num_samples=0, scheduler="hyperband")
+    assert len(error.value.problems) == 2 and "num_samples" in str(error.value)
+
+
+def test_non_writable_storage_is_an_experiment_error(digits, tmp_path):
+    from selmix_ray.search import search
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ExperimentError, match="Cannot write to storage"):
+        search(SPACE, features=digits, storage=blocker / "runs", name="x", num_samples=2)
+
+
+def test_existing_name_is_refused_with_resume_hint(digits, tmp_path):
+    from selmix_ray.search import search
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ExperimentError, match=r"already exists.*resume\("):
+        search(SPACE, features=digits, storage=tmp_path, name="taken", num_samples=2)
+
+
+def test_resume_of_a_non_experiment_is_an_experiment_error(tmp_path):
+    from selmix_ray.search import resume
+
+    with pytest.raises(ExperimentError, match="not a selmix-ray experiment"):
+        resume(tmp_path)
+
+
+# -- one ASHA sweep on a file:// URI with the fault hook on -----------------------------------------------
+
+
+@pytest.mark.slow
+def test_asha_sweep_prunes_retries_from_checkpoints_and_keeps_the_journal(ray_cluster, digits, tmp_path,
+                                                                           monkeypatch):
+    from selmix_ray.finetune import FinetuneConfig, finetune
+    from selmix_ray.search import search
+    from selmix_ray.space import load_space
+    from selmix_ray.trainable import FAULT_ENV, FAULT_LIMIT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "20")  # the first trial that reaches step 20 raises once, then retries
+    monkeypatch.setenv(FAULT_LIMIT_ENV, "1")
+    # lr 0.001 leaves the head as it was, lr 1 lifts min recall by step 10: ASHA must stop some of the
+    # former. One trial at a time makes the arrival order, hence ASHA's decisions, reproducible.
+    space = {**SPACE, "space": {"lr": {"choice": [0.001, 1.0]}, "refresh_every": {"int": [2, 20]}}}
+    run = search(space, features=digits, storage=f"file://{tmp_path}", name="asha", num_samples=8,
+                 max_concurrent=1, seed=3)
+    experiment = tmp_path / "asha"
+
+    # Exactly num_samples trials on both sides; ASHA stopped some, Optuna has them PRUNED.
+    study = _study(experiment / JOURNAL_FILE, "asha")  # copied into the URI experiment at the end
+    states = _states(study)
+    assert len(run.df) == 8 and len(study.trials) == 8
+    assert states.get("PRUNED", 0) >= 1 and states.get("PRUNED", 0) + states.get("COMPLETE", 0) == 8
+    statuses = run.df["status"].value_counts().to_dict()
+    assert statuses.get("pruned", 0) == states["PRUNED"] and statuses.get("complete", 0) == states["COMPLETE"]
+    assert (experiment / SCHEDULER_STATE_FILE).is_file() and (experiment / MANIFEST_FILE).is_file()
+    assert set(run.baselines) >= {"start", "erm", "uniform_mixup", "start+class_weights"}
+
+    # Trials that reached step 20 failed once and continued from that checkpoint: no step reported twice,
+    # and the final numbers equal an uninterrupted run of the same configuration.
+    space = load_space(space)
+    failures = run.df.set_index("trial_id")["num_failures"]
+    assert failures.sum() == 1
+    retried = failures.idxmax()
+    for trial_id, folder in _trial_dirs(experiment).items():
+        steps = [int(r[STEP_KEY]) for r in _results(folder)]
+        assert steps == sorted(set(steps)), f"trial {trial_id} restarted from scratch: {steps}"
+        if trial_id == retried:  # went on after the fault (ASHA may still stop it at the step-30 rung)
+            assert steps[-1] >= 30
+            params = json.loads((folder / "params.json").read_text())
+            config = FinetuneConfig.from_dict({**space.trial_config(params), "seed": 3, "device": "cpu"})
+            reference = []
+            finetune(digits, config, report=reference.append)
+            expected = {int(r[STEP_KEY]): r for r in reference}[steps[-1]]
+            final = _results(folder)[-1]
+            for key in (SCORE_KEY, "val/objective", "test/objective", "test_at_best/objective"):
+                assert final[key] == pytest.approx(expected[key], abs=1e-12), key
+
+
+# -- a driver killed with SIGKILL, then resume ----------------------------------------------------------
+
+
+def _snapshot_trials(experiment: Path) -> dict[str, str]:
+    """trial_id -> Tune status in the newest experiment snapshot."""
+    files = sorted(experiment.glob("experiment_state-*.json"))
+    if not files:
+        return {}
+    try:
+        state = json.loads(files[-1].read_text())
+    except ValueError:
+        return {}
+    out = {}
+    for trial_json, _ in state["trial_data"]:
+        trial = json.loads(trial_json)
+        out[trial["trial_id"]] = trial["status"]
+    return out
+
+
+@pytest.mark.slow
+def test_sigkilled_driver_resumes_to_exactly_num_samples(ray_cluster, digits, cache_home, tmp_path):
+    from selmix_ray.search import resume
+
+    num_samples = 10
+    space = {**SPACE, "fixed": {"steps": 300, "eval_every": 30}}  # ~1-3 s per trial: time to kill mid-sweep
+    experiment = tmp_path / "killed"
+    child = subprocess.Popen(
+        [sys.executable, str(DRIVER), ray_cluster, str(tmp_path), "killed", str(num_samples), json.dumps(space)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
+    )
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            done = [s for s in _snapshot_trials(experiment).values() if s == "TERMINATED"]
+            if len(done) >= 3 and (experiment / SCHEDULER_STATE_FILE).is_file():
+                break
+            assert child.poll() is None, "the driver ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("the sweep did not finish 3 trials in time")
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    time.sleep(1.0)  # the killed driver's trials stop with it
+
+    snapshot = _snapshot_trials(experiment)
+    assert len(snapshot) < num_samples or "RUNNING" in snapshot.values(), "killed too late to test anything"
+    finished_before = {tid: _results(folder)[-1][SCORE_KEY] for tid, folder in _trial_dirs(experiment).items()
+                       if snapshot.get(tid) == "TERMINATED"}
+    rungs_before = _rungs(experiment / SCHEDULER_STATE_FILE)
+    assert rungs_before
+
+    # A changed space is refused, naming the difference, before anything runs.
+    changed = {**space, "fixed": {"steps": 600, "eval_every": 30}}
+    with pytest.raises(ExperimentError, match="fixed.steps"):
+        resume(experiment, space=changed)
+
+    # Plant an orphan: an Optuna trial asked after the last snapshot, unknown to Tune.
+    orphan = _study(experiment / JOURNAL_FILE, "killed").ask().number
+
+    run = resume(experiment)  # features rebuilt from the manifest (a cache hit)
+
+    study = _study(experiment / JOURNAL_FILE, "killed")
+    states = _states(study)
+    assert len(run.df) == num_samples
+    assert states.get("RUNNING", 0) == 0
+    assert states.get("COMPLETE", 0) + states.get("PRUNED", 0) == num_samples
+    assert study.trials[orphan].state.name == "FAIL"
+    after = _trial_dirs(experiment)
+    for trial_id, score in finished_before.items():
+        assert _results(after[trial_id])[-1][SCORE_KEY] == score
+    rungs_after = _rungs(experiment / SCHEDULER_STATE_FILE)
+    assert {key: rungs_after.get(key) for key in rungs_before} == rungs_before
