@@ -124,7 +124,7 @@ def mix(
             mixed, from_b = _puzzlemix(a, b, lam, generator)
         lam_eff = 1.0 - from_b.flatten(1).to(torch.float64).mean(dim=1)
         return mixed, lam_eff.to(device=lam.device, dtype=lam.dtype)
-    weight = lam.to(a.dtype).reshape((-1,) + (1,) * (a.ndim - 1))
+    weight = lam.to(device=a.device, dtype=a.dtype).reshape((-1,) + (1,) * (a.ndim - 1))
     return weight * a + (1.0 - weight) * b, lam
 
 
