@@ -54,11 +54,11 @@ class BackboneInTheLoop(Trainer):
         super().__init__(features, config)
         self.cnn, self.images = cnn, images
 
-    def _train_step(self):
+    def _sgd_step(self, z, target):
         index = torch.from_numpy(self.rng.integers(0, len(self.images), size=2 * self.config.batch_size))
         with torch.no_grad():
             self.cnn.maps(self.images[index]).mean(dim=(2, 3))
-        super()._train_step()
+        super()._sgd_step(z, target)
 
 
 def bench_speed(args) -> None:

@@ -4,7 +4,8 @@
 
     every refresh_every steps: validation confusion -> objective.update -> gain G -> pair distribution P
                                -> pseudo-labels of the unlabeled pool
-    every step:                draw pairs from P, mix, one SGD step on the head (cosine schedule)
+    every step:                draw pairs from P, mix, one SGD step on the head (cosine schedule);
+                               the batches up to the next refresh or report are drawn and mixed at once
     step 0, every eval_every:  evaluate validation and test, report, checkpoint
 
 At a step where both happen, the refresh comes first (sharing the validation pass), so a report's
@@ -348,6 +349,7 @@ class FinetuneState:
 # -- the loop ----------------------------------------------------------------------------------------
 
 EVAL_CHUNK = 8192  # rows per evaluation chunk (bounds the (chunk, K) logits in memory)
+BLOCK_BYTES = 32 * 2**20  # at most this much pre-drawn, mixed training data at a time
 
 
 class Trainer:
@@ -405,6 +407,8 @@ class Trainer:
                                      "device": str(self.device)})
         self._val_cache: tuple[int, Any] | None = None  # (step, validation outputs) shared within a step
         self._checked_at = 0  # step of the last finiteness check of the head
+        row_bytes = 4 * (self.K + (int(np.prod(self.train_maps.shape[1:])) if self.uses_maps else features.dim))
+        self.max_block = max(1, BLOCK_BYTES // (row_bytes * config.batch_size))  # steps drawn at once
         if state is not None:
             self._load(state)
 
@@ -426,8 +430,8 @@ class Trainer:
                 self._refresh()
             if self.step == target:
                 break
-            self._train_step()
-            self.step += 1
+            next_refresh = (self.step // config.refresh_every + 1) * config.refresh_every
+            self._train_block(min(next_refresh, target, self.step + self.max_block) - self.step)
         return self._report()
 
     def state(self) -> FinetuneState:
@@ -450,29 +454,43 @@ class Trainer:
 
     # -- steps of the loop -------------------------------------------------------------------------
 
-    def _train_step(self) -> None:
-        """One SGD step on a mixed batch (or a plain batch for erm), cosine learning rate over ``steps``."""
-        config, B = self.config, self.config.batch_size
-        if config.method == "erm":
-            index = self.rng.integers(0, len(self.train_y), size=B)
-            z = _rows(self.train_x, index, self.device).float()  # (B, d)
-            labels = torch.from_numpy(self.train_y[index]).to(self.device)
-            target = torch.nn.functional.one_hot(labels, self.K).float()  # (B, K)
-        else:
-            batch = self.sampler.sample(B)
-            train, pool = (self.train_maps, self.pool_maps) if self.uses_maps else (self.train_x, self.pool_x)
-            a = _rows(train, batch.anchor_index, self.device).float()  # (B, d) or (B, C, H, W)
-            b = _partners(train, pool, batch.partner_index, batch.partner_from_pool, self.device)
-            lam = config.lambda_min + (1.0 - config.lambda_min) * torch.rand(
-                B, generator=self.generator, device=self.device
-            )
-            mixed, lam_eff = mix(config.mixup, a, b, lam, generator=self.generator)
-            z = mixed.mean(dim=(2, 3)) if self.uses_maps else mixed  # head = global pool + linear
-            pairs = torch.from_numpy(batch.pairs).to(self.device)
-            target = targets(config.mixup, pairs[:, 0], pairs[:, 1], lam_eff, self.K).float()  # (B, K)
+    def _train_block(self, n_steps: int) -> None:
+        """``n_steps`` SGD steps within one refresh interval, never across a report.
 
-        # Cross-entropy with (soft) targets, mean over the batch; its exact gradient w.r.t. the logits is
-        # (softmax - target) / B. A NaN/inf loss makes the head NaN/inf, which _check_finite catches.
+        P, the pseudo-labels and the mixing do not depend on the head, so the block's batches are drawn,
+        gathered and mixed at once (fewer, larger tensor operations); only the SGD steps run one by one.
+        """
+        B = self.config.batch_size
+        z, target = self._draw_batches(n_steps * B)  # (n B, d), (n B, K)
+        for k in range(n_steps):
+            self._sgd_step(z[k * B:(k + 1) * B], target[k * B:(k + 1) * B])
+            self.step += 1
+
+    def _draw_batches(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """n training inputs (n, d) float32 and their targets (n, K): mixed pairs, or instances for erm."""
+        config = self.config
+        if config.method == "erm":
+            index = self.rng.integers(0, len(self.train_y), size=n)
+            labels = torch.from_numpy(self.train_y[index]).to(self.device)
+            return _rows(self.train_x, index, self.device).float(), torch.nn.functional.one_hot(labels, self.K).float()
+        batch = self.sampler.sample(n)
+        train, pool = (self.train_maps, self.pool_maps) if self.uses_maps else (self.train_x, self.pool_x)
+        a = _rows(train, batch.anchor_index, self.device).float()  # (n, d) or (n, C, H, W)
+        b = _partners(train, pool, batch.partner_index, batch.partner_from_pool, self.device)
+        lam = torch.rand(n, generator=self.generator, device=self.device)
+        lam = config.lambda_min + (1.0 - config.lambda_min) * lam  # U(lambda_min, 1)
+        mixed, lam_eff = mix(config.mixup, a, b, lam, generator=self.generator)
+        z = mixed.mean(dim=(2, 3)) if self.uses_maps else mixed  # head = global pool + linear
+        pairs = torch.from_numpy(batch.pairs).to(self.device)
+        return z, targets(config.mixup, pairs[:, 0], pairs[:, 1], lam_eff, self.K).float()
+
+    def _sgd_step(self, z: torch.Tensor, target: torch.Tensor) -> None:
+        """One SGD step of cross-entropy on (B, d) inputs and (B, K) targets; cosine lr over ``steps``.
+
+        The gradient is explicit: d(mean CE)/d(logits) = (softmax - target) / B. A NaN/inf loss makes the
+        head NaN/inf, which ``_check_finite`` catches at the next refresh or report.
+        """
+        config, B = self.config, z.shape[0]
         probs = torch.softmax(torch.nn.functional.linear(z, self.weight, self.bias), dim=1)  # (B, K)
         residual = probs.sub_(target).div_(B)  # (B, K)
         grads = {"weight": residual.T @ z, "bias": residual.sum(dim=0)}
@@ -480,7 +498,7 @@ class Trainer:
         for name, param in (("weight", self.weight), ("bias", self.bias)):
             if name == "bias" and not config.train_bias:
                 continue
-            grad = grads[name].add_(param, alpha=config.weight_decay)  # SGD as torch.optim.SGD (dampening 0)
+            grad = grads[name].add_(param, alpha=config.weight_decay)  # as torch.optim.SGD (dampening 0)
             if config.momentum:
                 grad = self.velocity[name].mul_(config.momentum).add_(grad)
             param.add_(grad, alpha=-lr)
@@ -600,7 +618,7 @@ class Trainer:
 
     def _check_finite(self) -> None:
         """Raise TrainingError if the head (hence some loss since the last check) is NaN/inf."""
-        if not bool(torch.isfinite(self.weight).all() and torch.isfinite(self.bias).all()):
+        if not math.isfinite(float(self.weight.sum() + self.bias.sum())):  # any NaN/inf makes the sum NaN/inf
             raise TrainingError(
                 f"Training diverged: the loss and the head became NaN/inf between steps {self._checked_at} and "
                 f"{self.step} (lr={self.config.lr}, effective lr={self.lr:.3g}, method={self.config.method!r}). "
