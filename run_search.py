@@ -334,10 +334,18 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     if not argv:
         return _guard(run_demo)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come before or after the options: collect those argparse left over.
+    args, extra = parser.parse_known_args(argv)
     if args.command is None:
-        build_parser().print_help()
+        parser.print_help()
         return 2
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    unknown = [e for e in extra if e not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = list(args.overrides) + overrides
     handler = {"search": cmd_search, "resume": cmd_resume, "compare": cmd_compare, "validate": cmd_validate}
     return _guard(lambda: handler[args.command](args))
 
