@@ -205,9 +205,13 @@ def cache_key_fields(dataset: str, *, rho, backbone: str, seed: int, options: di
         "format": CACHE_FORMAT,
         "dataset": dataset,
         "root": root_identity(dataset, options["root"]),
-        "splits": {**sizes, "rho_unlabeled": options["rho_unlabeled"], "n_max_unlabeled": options["n_max_unlabeled"]},
+        "splits": {
+            **sizes,
+            "rho_unlabeled": None if options["rho_unlabeled"] is None else float(options["rho_unlabeled"]),
+            "n_max_unlabeled": options["n_max_unlabeled"],
+        },
         "seed": int(seed),
-        "rho": rho,
+        "rho": None if rho is None else float(rho),  # 10 and 10.0 are one key
         "backbone": spec,
         "cut": "penultimate",
         "keep_maps": bool(options["keep_maps"]),
@@ -426,6 +430,7 @@ def build_features(
             os.rename(entry, trash)
             shutil.rmtree(trash, ignore_errors=True)
 
+    _remove_stale_temporaries(entry)
     built = _build(dataset, rho=rho, backbone=backbone, seed=int(seed), options=options)
     metadata = {
         **built.metadata,
@@ -445,6 +450,22 @@ def build_features(
     features.metadata["cache_hit"] = False
     features.metadata["timings"]["write_s"] = time.perf_counter() - started
     return features
+
+
+STALE_TEMPORARY_S = 6 * 3600  # a writer's temporary folder older than this belongs to a dead process
+
+
+def _remove_stale_temporaries(entry: Path) -> None:
+    """Delete temporary folders of this key left by writers that crashed (older than STALE_TEMPORARY_S)."""
+    if not entry.parent.is_dir():
+        return
+    now = time.time()
+    for tmp in entry.parent.glob(f".tmp-{entry.name}-*"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_TEMPORARY_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass  # another process removed it first
 
 
 def rebuild_features(build_args: dict, *, cache_dir: str | os.PathLike | None = None, **overrides) -> FeatureSet:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 
 import numpy as np
@@ -119,6 +120,11 @@ def test_key_covers_backbone_fields_and_ignores_execution(tmp_path):
                    {"keep_maps": True}, {"normalize": "imagenet"}):
         assert key_for(**change) != base, change
     assert key_for("identity") != base
+    from selmix_ray.features import _resolve_options
+
+    as_float = cache_key(cache_key_fields("digits", rho=10.0, backbone="cnn", seed=0,
+                                          options=_resolve_options("digits", 10.0, "cnn", 0, {})))
+    assert as_float == base
     for same in ({"device": "cpu"}, {"batch_size": 7}, {"progress": False}, {"num_threads": 2}, {"verify": True}):
         assert key_for(**same) == base, same
     ckpt = tmp_path / "w.pt"
@@ -141,12 +147,16 @@ def test_truncated_or_incomplete_entry_is_rebuilt(digits_identity, tmp_path):
     assert again.metadata["cache_hit"] is False
     np.testing.assert_array_equal(again.train.x, original)
 
+    stale = tmp_path / f".tmp-{digits_identity.key}-dead"  # a crashed writer's leftovers
+    stale.mkdir()
+    os.utime(stale, (0, 0))
     (entry / "manifest.json").unlink()  # as after a crash before the manifest was written
     with pytest.raises(DataError, match="no manifest"):
         load_cached(entry)
     with pytest.warns(UserWarning, match="Rebuilding"):
         build_features("digits", rho=10, backbone="identity", cache_dir=tmp_path, **QUIET)
     assert load_cached(entry).key == digits_identity.key
+    assert not stale.exists()
 
 
 def test_flipped_byte_caught_by_verify(digits_identity, tmp_path):
