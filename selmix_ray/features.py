@@ -417,7 +417,9 @@ def build_features(
     }
     fields = cache_key_fields(dataset, rho=rho, backbone=backbone, seed=seed, options=options)
     key = cache_key(fields)
-    entry = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / key
+    root_dir = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser().resolve()
+    build_args["cache_dir"] = str(root_dir)
+    entry = root_dir / key
 
     if entry.exists():
         try:
@@ -469,8 +471,14 @@ def _remove_stale_temporaries(entry: Path) -> None:
 
 
 def rebuild_features(build_args: dict, *, cache_dir: str | os.PathLike | None = None, **overrides) -> FeatureSet:
-    """Call :func:`build_features` again from a FeatureSet's ``metadata["build_args"]``."""
+    """Call :func:`build_features` again from a FeatureSet's ``metadata["build_args"]``.
+
+    ``cache_dir`` defaults to the one the features were built in when that folder still exists (so a
+    resume on the same machine is a cache hit), else to :func:`default_cache_dir`.
+    """
     opts = {**build_args.get("opts", {}), **overrides}
+    if cache_dir is None and build_args.get("cache_dir") and Path(build_args["cache_dir"]).is_dir():
+        cache_dir = build_args["cache_dir"]
     return build_features(
         build_args["dataset"], rho=build_args["rho"], backbone=build_args.get("backbone", "cnn"),
         seed=build_args.get("seed", 0), cache_dir=cache_dir, **opts,

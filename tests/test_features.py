@@ -42,7 +42,7 @@ def digits_identity(tmp_path):
     return build_features("digits", rho=10, backbone="identity", cache_dir=tmp_path, **QUIET)
 
 
-def test_identity_features_are_pixels_and_head_is_fitted(digits_identity):
+def test_identity_features_are_pixels_and_head_is_fitted(digits_identity, tmp_path):
     fs = digits_identity
     assert isinstance(fs, FeatureSet) and fs.n_classes == 10 and fs.dim == 64
     assert fs.train_counts.tolist() == data.long_tail_counts(104, 10, 10).tolist()
@@ -54,7 +54,8 @@ def test_identity_features_are_pixels_and_head_is_fitted(digits_identity):
     accuracy = ((fs.test.x @ fs.weight.T + fs.bias).argmax(1) == fs.test.y).mean()
     assert accuracy > 0.8  # logistic regression on 8x8 digits
     meta = fs.metadata
-    assert meta["build_args"] == {"dataset": "digits", "rho": 10, "backbone": "identity", "seed": 0, "opts": {}}
+    assert meta["build_args"] == {"dataset": "digits", "rho": 10, "backbone": "identity", "seed": 0, "opts": {},
+                                  "cache_dir": str(tmp_path.resolve())}
     assert (meta["dataset"], meta["rho"], meta["backbone"], meta["dtype"]) == ("digits", 10, "identity", "float32")
     json.dumps(meta)
 
@@ -77,8 +78,8 @@ def test_cache_hit_is_identical_zero_copy_and_runs_nothing(digits_identity, tmp_
 def test_rebuild_from_build_args_hits_cache(digits_identity, tmp_path, monkeypatch):
     forbid_cold_path(monkeypatch)
     args = json.loads(json.dumps(digits_identity.metadata["build_args"]))  # as a run manifest stores it
-    again = rebuild_features(args, cache_dir=tmp_path, progress=False)
-    assert again.key == digits_identity.key
+    again = rebuild_features(args, progress=False)  # the cache_dir it was built in
+    assert again.key == digits_identity.key and again.metadata["cache_hit"]
 
 
 BASE = dict(dataset="digits", rho=10, backbone="identity", seed=0)
