@@ -1,0 +1,239 @@
+"""Sweep orchestration costs (issue 5, item 6).
+
+    python benchmarks/bench_sweep.py overhead [--trials 8 --steps 2000]   # (a) Tune+Optuna vs plain processes
+    python benchmarks/bench_sweep.py memory [--mb 512]                    # (b) 1, 2, 4 concurrent trials
+    python benchmarks/bench_sweep.py driver [--trials 200]                # (c) driver RSS after 50 and N trials
+
+(a) wall time of N trials through search() (Ray Tune + Optuna, worker start-up included, ray.init and
+    the driver's baselines excluded) against the same N finetune calls in plain spawned Python processes,
+    at concurrency 1 and 2. Digits features (backbone "identity"); --steps sets a trial's length.
+(b) peak memory with 1, 2 and 4 concurrent trials (0.5 CPU each) on synthetic features of --mb MB:
+    one object-store copy plus, per trial worker, its anonymous memory (RssAnon) above that of a process
+    that has only imported torch and selmix_ray.finetune.
+(c) driver RSS (VmRSS) after 50 and after --trials tiny trials of one sweep.
+Every number is printed as one line; the machine's load is printed first (other jobs skew timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+
+def _kib(field: str, pid: int | str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _init_ray(num_cpus: int = 2) -> None:
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             object_store_memory=3_000_000_000)
+
+
+def _digits():
+    from selmix_ray.features import build_features
+
+    return build_features("digits", rho=10, backbone="identity")
+
+
+# -- (a) overhead --------------------------------------------------------------------------------------
+
+
+def _plain_trial(args) -> float:
+    config_dict, build_args = args
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    from selmix_ray.features import rebuild_features
+    from selmix_ray.finetune import FinetuneConfig, finetune
+
+    features = rebuild_features(build_args)
+    finetune(features, FinetuneConfig.from_dict(config_dict))
+    return 0.0
+
+
+def overhead(trials: int, steps: int) -> None:
+    sweep = importlib.import_module("selmix_ray.search")
+    from selmix_ray.space import load_space
+
+    features = _digits()
+    space_dict = {"objective": "min_recall",
+                  "space": {"lr": {"loguniform": [0.3, 3.0]}, "refresh_every": {"int": [5, 20]}},
+                  "fixed": {"steps": steps, "eval_every": steps // 10}}
+    space = load_space(space_dict)
+    sweep._baselines(features, space, repeats=1, seed=0)  # cached: not part of the timing
+    _init_ray()
+    storage = tempfile.mkdtemp(prefix="bench_sweep_")
+    for concurrency in (1, 2):
+        started = time.perf_counter()
+        run = sweep.search(space_dict, features=features, storage=storage, name=f"overhead_c{concurrency}",
+                           num_samples=trials, max_concurrent=concurrency, scheduler="fifo",
+                           resources_per_trial={"cpu": 2 / concurrency if concurrency > 1 else 1})
+        tune_s = time.perf_counter() - started
+        configs = [space.trial_config({k[len("config/"):]: v for k, v in row.items() if k.startswith("config/")})
+                   for row in run.df.to_dict("records")]
+        configs = [{**c, "seed": 0, "device": "cpu"} for c in configs]
+        started = time.perf_counter()
+        with ProcessPoolExecutor(max_workers=concurrency, mp_context=get_context("spawn")) as pool:
+            list(pool.map(_plain_trial, [(c, features.metadata["build_args"]) for c in configs]))
+        plain_s = time.perf_counter() - started
+        print(f"(a) concurrency={concurrency} trials={trials} steps={steps}: tune+optuna {tune_s:.1f} s, "
+              f"plain processes {plain_s:.1f} s, overhead {100 * (tune_s / plain_s - 1):+.1f}%", flush=True)
+
+
+# -- (b) memory ----------------------------------------------------------------------------------------
+
+
+def _synthetic(mb: int):
+    import numpy as np
+
+    from selmix_ray.featureset import FeatureSet, Split
+
+    K, d = 10, 512
+    n_train = mb * 2**20 // (d * 4)
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(K, d)).astype(np.float32)
+
+    def split(n):
+        y = (np.arange(n) % K).astype(np.int64)
+        x = centers[y] + rng.standard_normal((n, d), dtype=np.float32)
+        return Split(x=x, y=y)
+
+    return FeatureSet(train=split(n_train), val=split(500), test=split(500), n_classes=K,
+                      weight=np.zeros((K, d), np.float32), bias=np.zeros(K, np.float32), key=f"synthetic{mb}",
+                      metadata={})
+
+
+def _worker_pids() -> list[int]:
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith("ray::ImplicitFunc") or "run_trial" in title and title.startswith("ray::"):
+                out.append(int(proc.name))
+    return out
+
+
+def _torch_baseline_kib() -> int:
+    code = ("import torch, selmix_ray.finetune, pathlib;"
+            "print([l for l in pathlib.Path('/proc/self/status').read_text().splitlines()"
+            " if l.startswith('RssAnon')][0].split()[1])")
+    return int(subprocess.check_output([sys.executable, "-c", code]).decode().strip())
+
+
+def memory(mb: int) -> None:
+    sweep = importlib.import_module("selmix_ray.search")
+
+    features = _synthetic(mb)
+    space_dict = {"objective": "min_recall", "space": {"lr": {"loguniform": [0.3, 3.0]}},
+                  "fixed": {"steps": 200, "eval_every": 20}}
+    from selmix_ray.space import load_space
+
+    sweep._baselines(features, load_space(space_dict), repeats=1, seed=0)
+    _init_ray(num_cpus=2)
+    base = _torch_baseline_kib()
+    print(f"(b) features {features.nbytes / 2**20:.0f} MiB; a torch-only process holds {base / 1024:.0f} MiB "
+          "anonymous", flush=True)
+    storage = tempfile.mkdtemp(prefix="bench_sweep_mem_")
+    for concurrency in (1, 2, 4):
+        peaks: dict[int, int] = {}
+        stop = threading.Event()
+
+        def sample(peaks=peaks, stop=stop):
+            while not stop.is_set():
+                for pid in _worker_pids():
+                    try:
+                        peaks[pid] = max(peaks.get(pid, 0), _kib("RssAnon", pid))
+                    except OSError:
+                        pass
+                time.sleep(0.2)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        sweep.search(space_dict, features=features, storage=storage, name=f"mem_c{concurrency}",
+                     num_samples=concurrency, max_concurrent=concurrency, scheduler="fifo",
+                     resources_per_trial={"cpu": 0.5})
+        stop.set()
+        thread.join()
+        extra = sorted(max(p - base, 0) / 1024 for p in peaks.values())[-concurrency:]
+        total = features.nbytes / 2**20 + sum(extra)
+        print(f"(b) concurrent={concurrency}: per-worker anon increase {[round(e) for e in extra]} MiB; "
+              f"total {total:.0f} MiB = {total / (features.nbytes / 2**20):.2f}x the feature bytes", flush=True)
+
+
+# -- (c) driver RSS ------------------------------------------------------------------------------------
+
+
+def driver(trials: int) -> None:
+    sweep = importlib.import_module("selmix_ray.search")
+
+    features = _digits()
+    space_dict = {"objective": "min_recall", "space": {"lr": {"loguniform": [0.3, 3.0]}},
+                  "fixed": {"steps": 10, "eval_every": 10}}
+    _init_ray()
+    storage = tempfile.mkdtemp(prefix="bench_sweep_driver_")
+    experiment = Path(storage, "driver")
+    samples: list[tuple[int, int]] = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            started = len(list(experiment.glob("run_trial_*"))) if experiment.exists() else 0
+            samples.append((started, _kib("VmRSS")))
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    before = _kib("VmRSS")
+    thread.start()
+    sweep.search(space_dict, features=features, storage=storage, name="driver", num_samples=trials,
+                 max_concurrent=2, scheduler="fifo")
+    stop.set()
+    thread.join()
+    at_50 = next((rss for started, rss in samples if started >= 50), samples[-1][1])
+    end = _kib("VmRSS")
+    print(f"(c) driver VmRSS: before {before / 1024:.0f} MiB, after 50 trials {at_50 / 1024:.0f} MiB, after "
+          f"{trials} trials {end / 1024:.0f} MiB; growth {(end - at_50) / max(trials - 50, 1):.0f} KiB/trial "
+          "between them", flush=True)
+    print(json.dumps({"samples": samples[-5:]}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["overhead", "memory", "driver"])
+    parser.add_argument("--trials", type=int, default=None, help="trials (a: 8, c: 200)")
+    parser.add_argument("--steps", type=int, default=2000, help="(a) steps per trial (a multiple of 10)")
+    parser.add_argument("--mb", type=int, default=512, help="(b) synthetic feature megabytes")
+    args = parser.parse_args()
+    print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs", flush=True)
+    if args.what == "overhead":
+        overhead(args.trials or 8, args.steps)
+    elif args.what == "memory":
+        memory(args.mb)
+    else:
+        driver(args.trials or 200)
+
+
+if __name__ == "__main__":
+    main()
