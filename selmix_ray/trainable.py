@@ -8,7 +8,9 @@ A thin adapter, nothing more::
 The features arrive through ``tune.with_parameters`` as the dict that ``FeatureSet.to_object_store`` put
 in the object store: numpy arrays that are read-only, zero-copy views of shared memory. Every report
 carries a checkpoint directory with the resumable ``FinetuneState`` and the whole history so far, so a
-retried trial (worker crash, node loss) restarts from its last report, not from step 0.
+retried trial (worker crash, node loss) restarts from its last report, not from step 0. Checkpoint layout:
+``finetune_state.pt`` + ``history.json`` (one History); with ``repeats = r > 1``, ``finetune_state_<i>.pt``
+for each copy i and ``history.json`` holding a JSON list of the r histories.
 
 Ray is imported lazily (inside the functions), so importing this module starts nothing.
 
