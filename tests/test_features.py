@@ -203,7 +203,9 @@ def test_torchvision_checkpoint(tmp_path):
     torch.save(state, tmp_path / "r18.pt")
     with pytest.warns(UserWarning, match="1 unexpected keys"):
         fs = build_features("digits", rho=10, backbone="resnet18", weights=tmp_path / "r18.pt",
-                            cache_dir=tmp_path, n_max=30, **QUIET)
+                            cache_dir=tmp_path, n_max=30, keep_maps=True, **QUIET)
+    assert fs.test.maps.shape == (len(fs.test), 512, 1, 1)  # layer4's output on 8x8 digits
+    np.testing.assert_allclose(fs.test.x, fs.test.maps.mean(axis=(2, 3)), rtol=1e-6)
     assert fs.metadata["head_source"] == "backbone" and fs.dim == 512
     np.testing.assert_array_equal(fs.weight, model.fc.weight.detach().numpy())
     assert fs.metadata["backbone_info"]["unexpected_keys"] == ["extra.weight"]
