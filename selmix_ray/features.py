@@ -572,8 +572,8 @@ def _build_with(dataset: str, *, rho, backbone: str, seed: int, options: dict, d
         head_source = "erm"
 
     unlabeled_true_y = None
-    if plan.splits.get("unlabeled") is not None:
-        unlabeled_true_y = plan.splits["unlabeled"].labels.astype(np.int64)
+    if plan.splits.get("unlabeled") is not None and np.all(plan.splits["unlabeled"].labels >= 0):
+        unlabeled_true_y = plan.splits["unlabeled"].labels.astype(np.int64)  # else unknown (npz without y)
     metadata = {
         "head_source": head_source,
         "backbone_info": backbone_info,

@@ -265,9 +265,12 @@ def test_npz_precomputed(tmp_path):
     rng = np.random.default_rng(1)
     arrays = {f"x_{s}": rng.normal(size=(n, 4)).astype(np.float32) for s, n in [("train", 20), ("val", 6), ("test", 6)]}
     arrays |= {f"y_{s}": np.arange(n) % 2 for s, n in [("train", 20), ("val", 6), ("test", 6)]}
+    arrays["x_unlabeled"] = rng.normal(size=(5, 4)).astype(np.float32)  # no y_unlabeled: truth unknown
     np.savez(tmp_path / "f.npz", **arrays)
     fs = build_features("npz", rho=None, root=tmp_path / "f.npz", cache_dir=tmp_path / "c", **QUIET)
     np.testing.assert_array_equal(fs.train.x, arrays["x_train"])
+    np.testing.assert_array_equal(fs.unlabeled.x, arrays["x_unlabeled"])
+    assert np.all(fs.unlabeled.y == -1) and fs.unlabeled_true_y is None
     assert fs.metadata["backbone_info"] == {"kind": "precomputed"} and fs.metadata["head_source"] == "erm"
     assert fs.metadata["build_args"]["opts"]["root"] == str((tmp_path / "f.npz").resolve())  # cwd-proof
 
