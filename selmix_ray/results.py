@@ -115,6 +115,7 @@ class Run:
     trial_rows: list[dict[str, Any]]
     trial_dirs: dict[str, Path]
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _histories: dict[str, TrialHistory] = field(default_factory=dict, repr=False)
 
     # -- what the sweep was ---------------------------------------------------------------------------
 
@@ -176,8 +177,7 @@ class Run:
         import pandas as pd
 
         rows = [_baseline_row(name, record) for name, record in self.baselines.items()]
-        return pd.DataFrame(rows, columns=["name", "kind", SCORE_KEY, *TEST_AT_BEST]) if not rows else \
-            pd.DataFrame(rows)
+        return pd.DataFrame(rows, columns=["name", "kind", SCORE_KEY, *TEST_AT_BEST])
 
     @property
     def best(self) -> dict[str, Any] | None:
@@ -194,30 +194,31 @@ class Run:
     # -- histories, re-ranking, per-class -------------------------------------------------------------
 
     def history(self, trial_id: str) -> TrialHistory:
-        """The history stored in the trial's latest checkpoint."""
+        """The history stored in the trial's latest checkpoint (read once per Run, then kept)."""
+        if trial_id in self._histories:
+            return self._histories[trial_id]
         folder = self._trial_dir(trial_id)
-        text = _latest_history_text(folder)
-        if text is None:
+        data = _latest_history(folder)
+        if data is None:
             raise ExperimentError(
                 f"trial {trial_id} has no checkpoint with {HISTORY_FILE} yet (folder {folder}); it has not "
                 "reported, or it was written by something other than selmix-ray's trainable."
             )
-        data = json.loads(text)
         copies = data if isinstance(data, list) else [data]
-        return TrialHistory(trial_id=trial_id, copies=copies)
+        self._histories[trial_id] = TrialHistory(trial_id=trial_id, copies=copies)
+        return self._histories[trial_id]
 
     def train_counts(self) -> np.ndarray | None:
-        """(K,) training counts per class (defines head and tail), if the experiment recorded them."""
+        """(K,) training counts per class (defines head and tail), if the experiment recorded them
+        (manifest, baselines, or the meta of the first trial history)."""
         for source in (self.manifest, *self.baselines.values()):
             if isinstance(source, dict) and source.get("train_counts") is not None:
                 return np.asarray(source["train_counts"])
         for trial_id in self.trial_dirs:
             try:
-                counts = self.history(trial_id).train_counts
+                return self.history(trial_id).train_counts
             except ExperimentError:
                 continue
-            if counts is not None:
-                return counts
         return None
 
     def rerank(self, objective: str | None = None, **objective_params):
@@ -590,14 +591,11 @@ def _start_time(folder: Path, result: dict[str, Any]) -> float:
     return folder.stat().st_mtime
 
 
-def _latest_history_text(folder: Path) -> str | None:
-    """HISTORY_FILE of the newest readable checkpoint_XXXXXX folder of a trial."""
+def _latest_history(folder: Path) -> Any:
+    """Parsed HISTORY_FILE of the newest readable checkpoint_XXXXXX folder of a trial (None: none yet)."""
     for checkpoint in sorted(glob.glob(str(folder / "checkpoint_*")), reverse=True):
-        path = Path(checkpoint) / HISTORY_FILE
         try:
-            text = path.read_text(encoding="utf-8")
-            json.loads(text)
-            return text
+            return json.loads((Path(checkpoint) / HISTORY_FILE).read_bytes())
         except (OSError, ValueError):
             continue  # missing or half-written: an older checkpoint is still good
     return None
