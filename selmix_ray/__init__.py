@@ -10,6 +10,7 @@ needs numpy, torch and scipy only.
 from __future__ import annotations
 
 import importlib
+import types
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,20 @@ def __getattr__(name: str):
     # `finetune` is both a submodule and a function: the function wins once asked for by name.
     globals()[name] = value
     return value
+
+
+class _CallableModule(types.ModuleType):
+    """A submodule that shares its name with its main function, and calls that function when called.
+
+    ``selmix_ray.finetune`` and ``selmix_ray.search`` are both submodules (``import selmix_ray.finetune``)
+    and functions (``selmix_ray.finetune(features, config)``). Python's import system rebinds the package
+    attribute to the submodule whenever that submodule is first imported, so which of the two a user gets
+    would depend on import order. Those two modules set this class on themselves, and then
+    ``selmix_ray.finetune(...)`` and ``selmix_ray.search(...)`` work in every case.
+    """
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
 
 
 def __dir__() -> list[str]:

@@ -43,6 +43,7 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
+from . import _CallableModule
 from .constants import (
     BASELINES_FILE,
     JOURNAL_FILE,
@@ -772,3 +773,6 @@ class _Location:
 
 def _json_bytes(value) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=False, default=str) + "\n").encode()
+
+
+sys.modules[__name__].__class__ = _CallableModule  # selmix_ray.search(...) calls search() (see __init__)

@@ -58,3 +58,16 @@ def test_all_and_version():
     assert isinstance(selmix_ray.__version__, str) and selmix_ray.__version__
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         selmix_ray.nope  # noqa: B018
+
+
+def test_search_is_callable_whatever_the_import_order():
+    # Importing the submodule first rebinds selmix_ray.search to the module; calling it must still work.
+    code = (
+        "import selmix_ray.search, selmix_ray\n"
+        "try:\n"
+        "    selmix_ray.search('no-such-space.yaml', features=None, storage='/tmp', name='x', num_samples=1)\n"
+        "except Exception as error:\n"
+        "    print(type(error).__name__, error)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split(" ")[0] in {"ConfigError", "DataError", "ExperimentError"}, out.stdout + out.stderr
