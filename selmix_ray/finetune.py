@@ -237,7 +237,7 @@ class History:
         best_p: (K, K) float32, the pair distribution P in force at the best report so far (None for
             ``erm`` or before the first report).
         best_step: the step of the best report so far (the one ``test_at_best/*`` come from).
-        meta: config, n_classes, the effective learning rate and the device.
+        meta: config, n_classes, train_counts (head/tail), the effective learning rate and the device.
     """
 
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -404,7 +404,7 @@ class Trainer:
         self.P: np.ndarray | None = None
         self.diagnostics = {"p_entropy": math.nan, "p_max": math.nan, "g_max": math.nan}
         self.history = History(meta={"config": config.to_dict(), "n_classes": K, "lr_effective": self.lr,
-                                     "device": str(self.device)})
+                                     "device": str(self.device), "train_counts": self.train_counts.tolist()})
         self._val_cache: tuple[int, Any] | None = None  # (step, validation outputs) shared within a step
         self._checked_at = 0  # step of the last finiteness check of the head
         row_bytes = 4 * (self.K + (int(np.prod(self.train_maps.shape[1:])) if self.uses_maps else features.dim))
