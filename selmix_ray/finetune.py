@@ -25,6 +25,7 @@ import base64
 import dataclasses
 import json
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _CallableModule
 from .constants import METRIC_NAMES, SCORE_KEY, STEP_KEY
 from .errors import ConfigError, DataError, TrainingError
 from .featureset import FeatureSet
@@ -793,3 +795,6 @@ def _sparse(counts: np.ndarray) -> list[list]:
     integral = np.all(values == np.round(values))
     cast = int if integral else float
     return [[int(r), int(c), cast(v)] for r, c, v in zip(rows, cols, values)]
+
+
+sys.modules[__name__].__class__ = _CallableModule  # selmix_ray.finetune(...) calls finetune() (see __init__)

@@ -71,3 +71,11 @@ def test_search_is_callable_whatever_the_import_order():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split(" ")[0] in {"ConfigError", "DataError", "ExperimentError"}, out.stdout + out.stderr
+
+
+def test_finetune_is_callable_after_importing_the_submodule():
+    import selmix_ray.finetune as module
+
+    assert callable(selmix_ray.finetune) and module.finetune is not None
+    with pytest.raises(TypeError):
+        selmix_ray.finetune()  # reaches the function, which needs features and a config
