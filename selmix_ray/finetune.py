@@ -16,6 +16,27 @@ Memory: the FeatureSet's arrays are wrapped with ``torch.from_numpy`` and never 
 host; each SGD batch is gathered and converted to float32 (float16 caches stay float16). On CUDA the
 arrays are moved to the device once, in their stored dtype. Evaluation runs in chunks.
 
+Top-block mode (SPEC.md section 13) is on when the FeatureSet carries a block payload (``features.block``,
+from ``build_features(..., cut="block")``): the cut point comes from the features, not from the config.
+Each split's ``maps`` (n, C, H, W) are then the input of the backbone's last block, and the trial trains a
+fresh copy of that block (``backbones.build_block``) together with the head:
+
+- ``feature``/``feature_soft`` mix the block's outputs (penultimate features) of the two samples' maps;
+  ``cutmix``/``puzzlemix`` mix the cached maps, which then go through the block; ``erm`` feeds single maps.
+  The indices, mixing weights and (for map variants) mixed maps of a refresh interval are still drawn at
+  once; the block runs step by step, since it changes at every step.
+- One SGD optimiser (explicit updates, same cosine schedule, momentum and weight decay) for both parts:
+  the head at ``lr`` (relative to the mean squared norm of the initial features ``x``), the block at
+  ``top_lr`` (relative to the mean squared norm of the training maps, flattened) when
+  ``lr_scale="feature_norm"``; with ``lr_scale="none"`` both are absolute.
+- The block stays in eval mode: BatchNorm normalises with the backbone's running statistics, which are
+  not updated (mixed batches would otherwise shift them, and evaluation would depend on batch makeup);
+  BatchNorm's affine parameters are trained.
+- At every refresh the centroids (and so the gain) come from the current block's validation features; at
+  every report the validation and test features (and the pool's, for pseudo-labels) are recomputed through
+  the current block, by chunks and without gradients.
+- :class:`FinetuneState` holds the block's weights and buffers and its momentum buffers: resume is exact.
+
 Importing this module needs numpy, torch and scipy only (no Ray, Optuna or pyarrow).
 """
 
@@ -55,6 +76,7 @@ LR_SCALES = ("feature_norm", "none")
 POSTHOCS = ("none", "logit_adjust", "class_weights")
 DEVICES = ("auto", "cpu", "cuda")
 OBJECTIVE_PARAMS = ("omega", "beta", "alpha", "tau", "mu_max", "eps")
+TOP_LR_DEFAULT = 1.0  # relative rate of the top block (chosen on mnist rho=100, seeds 100-104)
 
 
 @dataclass(frozen=True)
@@ -75,6 +97,8 @@ class FinetuneConfig:
     positive_only: bool = True  # pairs with G <= 0 get no mass before the floor
     lr: float = 1.0  # learning rate; relative to mean ||z||^2 of the train features when lr_scale=feature_norm
     lr_scale: str = "feature_norm"  # feature_norm: optimiser lr = lr / mean ||z||^2 | none: lr as given
+    top_lr: float = TOP_LR_DEFAULT  # top-block mode only (features.block): the block's rate, relative to the
+    #                                 mean squared norm of its input maps when lr_scale=feature_norm
     momentum: float = 0.0  # SGD momentum, in [0, 1)
     weight_decay: float = 5e-4  # SGD L2 weight decay on the head (weight and trained bias)
     batch_size: int = 64  # pairs (or instances for erm) per SGD step
@@ -120,7 +144,7 @@ class FinetuneConfig:
         return out
 
 
-_FLOAT_FIELDS = ("s", "lambda_min", "lr", "momentum", "weight_decay", "pseudo_label_threshold")
+_FLOAT_FIELDS = ("s", "lambda_min", "lr", "top_lr", "momentum", "weight_decay", "pseudo_label_threshold")
 _INT_FIELDS = ("batch_size", "steps", "refresh_every", "eval_every", "seed")
 _BOOL_FIELDS = ("train_bias", "positive_only")
 
@@ -184,6 +208,7 @@ def _config_problems(c: dict[str, Any], *, skip: set[str] = frozenset()) -> list
     check("lambda_min", lambda v: finite(v) and 0 <= v <= 1, "in [0, 1]")
     check("floor", lambda v: v is None or (finite(v) and 0 <= v <= 1), "None or in [0, 1]")
     check("lr", lambda v: finite(v) and v > 0, "> 0 and finite")
+    check("top_lr", lambda v: finite(v) and v >= 0, ">= 0 and finite (0 freezes the top block)")
     check("momentum", lambda v: finite(v) and 0 <= v < 1, "in [0, 1)")
     check("weight_decay", lambda v: finite(v) and v >= 0, ">= 0 and finite")
     check("pseudo_label_threshold", lambda v: finite(v) and 0 <= v <= 1, "in [0, 1]")
@@ -291,7 +316,7 @@ class FinetuneState:
     refreshed_at: int  # step of the last refresh (-1: none yet)
     weight: torch.Tensor  # (K, d) float32 head weight, on CPU
     bias: torch.Tensor  # (K,) float32 head bias, on CPU
-    velocity: dict  # SGD momentum buffers {"weight": (K, d), "bias": (K,)} float32, on CPU
+    velocity: dict  # SGD momentum buffers {"weight": (K, d), "bias": (K,), "block.<param>": ...} float32, CPU
     numpy_rng: dict  # numpy bit generator state (pairs, partners, erm instances)
     torch_rng: torch.Tensor  # torch.Generator state (mixing weights, boxes)
     objective: dict  # the objective's multipliers (state_dict)
@@ -300,6 +325,7 @@ class FinetuneState:
     diagnostics: dict  # p_entropy, p_max, g_max of that P
     history: History
     config: dict  # FinetuneConfig.to_dict() of the run that wrote it
+    block_state: dict | None = None  # top-block mode: the block's state_dict (weights, BatchNorm buffers), CPU
 
     def save(self, path) -> None:
         def tensor(array):
@@ -320,6 +346,7 @@ class FinetuneState:
                 "diagnostics": dict(self.diagnostics),
                 "history": self.history.to_json(),
                 "config": json.dumps(self.config),
+                "block_state": self.block_state,
             },
             path,
         )
@@ -345,6 +372,7 @@ class FinetuneState:
             diagnostics=dict(data["diagnostics"]),
             history=History.from_json(data["history"]),
             config=json.loads(data["config"]),
+            block_state=data.get("block_state"),
         )
 
 
@@ -352,10 +380,12 @@ class FinetuneState:
 
 EVAL_CHUNK = 8192  # rows per evaluation chunk (bounds the (chunk, K) logits in memory)
 BLOCK_BYTES = 32 * 2**20  # at most this much pre-drawn, mixed training data at a time
+TOP_BLOCK_EVAL_BYTES = 64 * 2**20  # top-block mode: at most this much float32 input map per evaluation chunk
 
 
 class Trainer:
-    """One trial's head, optimiser, sampler and history; ``run_until(step)`` advances it report by report.
+    """One trial's head (and top block), optimiser, sampler and history; ``run_until(step)`` advances it
+    report by report. Top-block mode is on when ``features.block`` is not None (module docstring).
 
     Args:
         features: the FeatureSet (numpy arrays, never written).
@@ -368,12 +398,22 @@ class Trainer:
         self.K = K = features.n_classes
         self.device = _resolve_device(config.device)
         self.uses_pairs = config.method != "erm"
-        self.uses_maps = self.uses_pairs and needs_maps(config.mixup)
+        self.uses_maps = self.uses_pairs and needs_maps(config.mixup)  # mixing happens on the cached maps
         if self.uses_maps and not features.has_maps:
             raise ConfigError(
                 f"mixup {config.mixup!r} needs spatial maps, but this FeatureSet has none; build the features "
                 "with keep_maps=True or use mixup='feature'."
             )
+        self.block: torch.nn.Module | None = None  # top-block mode: the trainable last block
+        if features.block is not None:
+            if not features.has_maps:
+                raise DataError(
+                    "This FeatureSet carries a top block but not every split has maps (its input); rebuild the "
+                    "features with cut='block'."
+                )
+            from .backbones import build_block  # torchvision is imported only in top-block mode
+
+            self.block = build_block(features.block).to(self.device).eval()
         self.train_counts = features.train_counts
         self.objective = get_objective(config.objective, train_counts=self.train_counts, **config.objective_params)
         self.scorer = get_objective(config.objective, train_counts=self.train_counts, **config.objective_params)
@@ -382,20 +422,32 @@ class Trainer:
         # Shared read-only arrays as tensors (no host copy; one device copy on CUDA).
         self.train_y = np.asarray(features.train.y, dtype=np.int64)
         self.train_x = _tensor(features.train.x, self.device)
-        self.train_maps = _tensor(features.train.maps, self.device) if self.uses_maps else None
+        maps_needed = self.uses_maps or self.block is not None
+        self.train_maps = _tensor(features.train.maps, self.device) if maps_needed else None
         self.val_x, self.test_x = _tensor(features.val.x, self.device), _tensor(features.test.x, self.device)
+        self.val_maps = _tensor(features.val.maps, self.device) if self.block is not None else None
+        self.test_maps = _tensor(features.test.maps, self.device) if self.block is not None else None
         pool = features.unlabeled if self.uses_pairs and features.unlabeled is not None and len(features.unlabeled) else None
         self.pool_x = None if pool is None else _tensor(pool.x, self.device)
-        self.pool_maps = _tensor(pool.maps, self.device) if pool is not None and self.uses_maps else None
-        self.centroids = class_centroids(features.val.x, features.val.y, K) if config.method == "selmix" else None
+        self.pool_maps = _tensor(pool.maps, self.device) if pool is not None and maps_needed else None
+        self.centroids = None  # (K, d) float64 validation centroids (recomputed at each refresh with a block)
+        if config.method == "selmix" and self.block is None:
+            self.centroids = class_centroids(features.val.x, features.val.y, K)
 
         self.lr = config.lr
+        self.top_lr = config.top_lr if self.block is not None else 0.0
         if config.lr_scale == "feature_norm":
             self.lr = config.lr / _mean_squared_norm(self.train_x)
+            if self.block is not None:
+                self.top_lr = config.top_lr / _mean_squared_norm(self.train_maps)
         # The head and its SGD momentum buffers (explicit gradients: no autograd, no torch.optim).
         self.weight = torch.tensor(np.asarray(features.weight), dtype=torch.float32, device=self.device)  # (K, d)
         self.bias = torch.tensor(np.asarray(features.bias), dtype=torch.float32, device=self.device)  # (K,)
         self.velocity = {"weight": torch.zeros_like(self.weight), "bias": torch.zeros_like(self.bias)}
+        if self.block is not None:
+            self._check_block_output(features.dim)
+            for name, param in self.block.named_parameters():
+                self.velocity[f"block.{name}"] = torch.zeros_like(param)
         self.rng = np.random.default_rng(config.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampler = PairSampler(self.train_y, n_classes=K, rng=self.rng) if self.uses_pairs else None
@@ -405,11 +457,18 @@ class Trainer:
         self.pseudo_labels: np.ndarray | None = None
         self.P: np.ndarray | None = None
         self.diagnostics = {"p_entropy": math.nan, "p_max": math.nan, "g_max": math.nan}
-        self.history = History(meta={"config": config.to_dict(), "n_classes": K, "lr_effective": self.lr,
-                                     "device": str(self.device), "train_counts": self.train_counts.tolist()})
+        meta = {"config": config.to_dict(), "n_classes": K, "lr_effective": self.lr, "device": str(self.device),
+                "train_counts": self.train_counts.tolist()}
+        if self.block is not None:
+            meta.update(cut="block", top_lr_effective=self.top_lr)
+        self.history = History(meta=meta)
         self._val_cache: tuple[int, Any] | None = None  # (step, validation outputs) shared within a step
+        self._val_features_cache: tuple[int, torch.Tensor] | None = None  # top-block mode: (step, (n_val, d))
         self._checked_at = 0  # step of the last finiteness check of the head
-        row_bytes = 4 * (self.K + (int(np.prod(self.train_maps.shape[1:])) if self.uses_maps else features.dim))
+        if self.block is not None:  # anchor and partner maps of every drawn sample (or one mixed map)
+            row_bytes = 4 * (self.K + 2 * int(np.prod(self.train_maps.shape[1:])))
+        else:
+            row_bytes = 4 * (self.K + (int(np.prod(self.train_maps.shape[1:])) if self.uses_maps else features.dim))
         self.max_block = max(1, BLOCK_BYTES // (row_bytes * config.batch_size))  # steps drawn at once
         if state is not None:
             self._load(state)
@@ -452,6 +511,8 @@ class Trainer:
             diagnostics=dict(self.diagnostics),
             history=History.from_json(self.history.to_json()),
             config=self.config.to_dict(),
+            block_state=None if self.block is None else {
+                name: value.detach().cpu().clone() for name, value in self.block.state_dict().items()},
         )
 
     # -- steps of the loop -------------------------------------------------------------------------
@@ -463,6 +524,14 @@ class Trainer:
         gathered and mixed at once (fewer, larger tensor operations); only the SGD steps run one by one.
         """
         B = self.config.batch_size
+        if self.block is not None:
+            (anchor, partner, lam), target = self._draw_block_batches(n_steps * B)
+            for k in range(n_steps):
+                rows = slice(k * B, (k + 1) * B)
+                self._block_sgd_step(anchor[rows], None if partner is None else partner[rows],
+                                     None if lam is None else lam[rows], target[rows])
+                self.step += 1
+            return
         z, target = self._draw_batches(n_steps * B)  # (n B, d), (n B, K)
         for k in range(n_steps):
             self._sgd_step(z[k * B:(k + 1) * B], target[k * B:(k + 1) * B])
@@ -485,6 +554,63 @@ class Trainer:
         z = mixed.mean(dim=(2, 3)) if self.uses_maps else mixed  # head = global pool + linear
         pairs = torch.from_numpy(batch.pairs).to(self.device)
         return z, targets(config.mixup, pairs[:, 0], pairs[:, 1], lam_eff, self.K).float()
+
+    def _draw_block_batches(self, n: int):
+        """Top-block mode: n training samples as ((anchor, partner, lam), targets (n, K)).
+
+        ``anchor`` (n, C, H, W) float32 maps; for ``feature``/``feature_soft`` ``partner`` (n, C, H, W) and
+        ``lam`` (n,) say how the block's outputs are mixed; for ``cutmix``/``puzzlemix`` the maps are
+        already mixed and ``erm`` draws single instances (``partner`` and ``lam`` None). The random draws
+        are those of :meth:`_draw_batches`, in the same order.
+        """
+        config = self.config
+        if config.method == "erm":
+            index = self.rng.integers(0, len(self.train_y), size=n)
+            labels = torch.from_numpy(self.train_y[index]).to(self.device)
+            maps = _rows(self.train_maps, index, self.device).float()
+            return (maps, None, None), torch.nn.functional.one_hot(labels, self.K).float()
+        batch = self.sampler.sample(n)
+        a = _rows(self.train_maps, batch.anchor_index, self.device).float()  # (n, C, H, W)
+        b = _partners(self.train_maps, self.pool_maps, batch.partner_index, batch.partner_from_pool, self.device)
+        lam = torch.rand(n, generator=self.generator, device=self.device)
+        lam = config.lambda_min + (1.0 - config.lambda_min) * lam  # U(lambda_min, 1)
+        pairs = torch.from_numpy(batch.pairs).to(self.device)
+        if self.uses_maps:
+            mixed, lam_eff = mix(config.mixup, a, b, lam, generator=self.generator)
+            return (mixed, None, None), targets(config.mixup, pairs[:, 0], pairs[:, 1], lam_eff, self.K).float()
+        return (a, b, lam), targets(config.mixup, pairs[:, 0], pairs[:, 1], lam, self.K).float()
+
+    def _block_sgd_step(self, anchor, partner, lam, target) -> None:
+        """One SGD step of the head and the top block (see :meth:`_draw_block_batches` for the inputs).
+
+        The head's gradient is explicit as in :meth:`_sgd_step`; the block's comes from autograd, by
+        back-propagating d(mean CE)/dz = residual @ W through the block (and the feature mixing).
+        """
+        config, B = self.config, anchor.shape[0]
+        params = dict(self.block.named_parameters())
+        with torch.enable_grad():
+            if partner is None:
+                z = self.block(anchor)  # (B, d)
+            else:
+                both = self.block(torch.cat([anchor, partner]))  # one pass over the 2 B maps
+                z, _ = mix(config.mixup, both[:B], both[B:], lam, generator=self.generator)
+            probs = torch.softmax(torch.nn.functional.linear(z.detach(), self.weight, self.bias), dim=1)
+            residual = probs.sub_(target).div_(B)  # (B, K)
+            block_grads = torch.autograd.grad(z, list(params.values()), grad_outputs=residual @ self.weight)
+        z = z.detach()
+        grads = {"weight": residual.T @ z, "bias": residual.sum(dim=0)}
+        grads.update({f"block.{name}": g for name, g in zip(params, block_grads)})
+        cosine = 0.5 * (1.0 + math.cos(math.pi * self.step / config.steps))
+        with torch.no_grad():
+            for name, param in (("weight", self.weight), ("bias", self.bias),
+                                *((f"block.{n}", p) for n, p in params.items())):
+                if name == "bias" and not config.train_bias:
+                    continue
+                grad = grads[name].add_(param, alpha=config.weight_decay)  # as torch.optim.SGD (dampening 0)
+                if config.momentum:
+                    grad = self.velocity[name].mul_(config.momentum).add_(grad)
+                lr = self.top_lr if name.startswith("block.") else self.lr
+                param.add_(grad, alpha=-lr * cosine)
 
     def _sgd_step(self, z: torch.Tensor, target: torch.Tensor) -> None:
         """One SGD step of cross-entropy on (B, d) inputs and (B, K) targets; cosine lr over ``steps``.
@@ -512,6 +638,9 @@ class Trainer:
         if config.method == "selmix":
             C = joint_confusion(confusion_counts(self.features.val.y, self._val_predictions(), K))
             self.objective.update(C)
+            if self.block is not None:  # the features move with the block
+                self.centroids = class_centroids(self._val_features().double().cpu().numpy(),
+                                                 self.features.val.y, K)
             weight = self.weight.detach().cpu().double().numpy()
             bias = self.bias.detach().cpu().double().numpy()
             G = gain_matrix(
@@ -539,10 +668,10 @@ class Trainer:
         splits = {}
         if config.posthoc == "none":
             splits["val"] = confusion_counts(val_y, self._val_predictions(), K)
-            splits["test"] = confusion_counts(test_y, _predict(self.test_x, self.weight, self.bias), K)
+            splits["test"] = confusion_counts(test_y, _predict(self._test_features(), self.weight, self.bias), K)
         else:
             val_logits = self._val_logits()
-            test_logits = _logits(self.test_x, self.weight, self.bias)
+            test_logits = _logits(self._test_features(), self.weight, self.bias)
             splits["val_raw"] = confusion_counts(val_y, val_logits.argmax(axis=1), K)
             splits["test_raw"] = confusion_counts(test_y, test_logits.argmax(axis=1), K)
             # val/*: cross-fitted on validation halves; test/*: the correction fitted on all of validation.
@@ -592,8 +721,36 @@ class Trainer:
     def _val_logits(self) -> np.ndarray:
         """(n_val, K) float32 logits of the current head, computed once per step (refresh and report)."""
         if self._val_cache is None or self._val_cache[0] != self.step:
-            self._val_cache = (self.step, _logits(self.val_x, self.weight, self.bias))
+            self._val_cache = (self.step, _logits(self._val_features(), self.weight, self.bias))
         return self._val_cache[1]
+
+    def _val_features(self) -> torch.Tensor:
+        """(n_val, d) validation features: the cached ``x``, or (top block) the current block's, once per step."""
+        if self.block is None:
+            return self.val_x
+        if self._val_features_cache is None or self._val_features_cache[0] != self.step:
+            self._val_features_cache = (self.step, self._block_features(self.val_maps))
+        return self._val_features_cache[1]
+
+    def _test_features(self) -> torch.Tensor:
+        """(n_test, d) test features: the cached ``x``, or the current block's outputs on the test maps."""
+        return self.test_x if self.block is None else self._block_features(self.test_maps)
+
+    def _block_features(self, maps: torch.Tensor) -> torch.Tensor:
+        """(n, d) float32 outputs of the current block on (n, C, H, W) maps, by chunks, without gradients."""
+        rows = max(1, TOP_BLOCK_EVAL_BYTES // (4 * int(np.prod(maps.shape[1:]))))
+        with torch.no_grad():
+            parts = [self.block(maps[s:s + rows].to(self.device).float()) for s in range(0, maps.shape[0], rows)]
+        return torch.cat(parts)
+
+    def _check_block_output(self, dim: int) -> None:
+        """The block must map a cached map to the head's d features (checked on one training map)."""
+        shape = tuple(self._block_features(self.train_maps[:1]).shape)
+        if shape != (1, dim):
+            raise DataError(
+                f"The top block maps a cached map to features of shape {shape[1:]}, but the head expects ({dim},); "
+                "the FeatureSet's block payload and its x/weight disagree: rebuild the features with cut='block'."
+            )
 
     def _val_predictions(self) -> np.ndarray:
         return self._val_logits().argmax(axis=1)
@@ -601,9 +758,10 @@ class Trainer:
     def _pool_predictions(self) -> tuple[np.ndarray, np.ndarray]:
         """Arg-max class (m,) and its softmax probability (m,) on the unlabeled pool, by chunks."""
         predictions, confidence = [], []
+        pool_x = self.pool_x if self.block is None else self._block_features(self.pool_maps)
         with torch.no_grad():
-            for start in range(0, self.pool_x.shape[0], EVAL_CHUNK):
-                logits = torch.nn.functional.linear(self.pool_x[start:start + EVAL_CHUNK].float(), self.weight,
+            for start in range(0, pool_x.shape[0], EVAL_CHUNK):
+                logits = torch.nn.functional.linear(pool_x[start:start + EVAL_CHUNK].float(), self.weight,
                                                     self.bias)
                 top = torch.softmax(logits, dim=1).max(dim=1)
                 predictions.append(top.indices.cpu().numpy())
@@ -620,11 +778,15 @@ class Trainer:
 
     def _check_finite(self) -> None:
         """Raise TrainingError if the head (hence some loss since the last check) is NaN/inf."""
-        if not math.isfinite(float(self.weight.sum() + self.bias.sum())):  # any NaN/inf makes the sum NaN/inf
+        total = self.weight.sum() + self.bias.sum()  # any NaN/inf makes the sum NaN/inf
+        if self.block is not None:
+            total = total + sum(param.detach().sum() for param in self.block.parameters())
+        if not math.isfinite(float(total)):
+            top = f", top_lr={self.config.top_lr}" if self.block is not None else ""
             raise TrainingError(
                 f"Training diverged: the loss and the head became NaN/inf between steps {self._checked_at} and "
-                f"{self.step} (lr={self.config.lr}, effective lr={self.lr:.3g}, method={self.config.method!r}). "
-                "Lower lr, keep lr_scale='feature_norm', or check the features for NaN/inf."
+                f"{self.step} (lr={self.config.lr}{top}, effective lr={self.lr:.3g}, method={self.config.method!r}). "
+                "Lower lr (or top_lr), keep lr_scale='feature_norm', or check the features for NaN/inf."
             )
         self._checked_at = self.step
 
@@ -642,8 +804,16 @@ class Trainer:
                 f"Cannot resume: the state's head has shape {tuple(state.weight.shape)}, these features need "
                 f"{tuple(self.weight.shape)}."
             )
+        if (state.block_state is None) != (self.block is None):
+            saved, here = ("a top block", "none") if self.block is None else ("no top block", "one")
+            raise DataError(
+                f"Cannot resume: the state was saved with {saved}, these features have {here}; resume on the "
+                "features (cut) that wrote the state."
+            )
         self.weight.copy_(state.weight)
         self.bias.copy_(state.bias)
+        if self.block is not None:
+            self.block.load_state_dict(state.block_state, strict=True)
         for name, velocity in self.velocity.items():
             velocity.copy_(state.velocity[name])
         self.rng.bit_generator.state = state.numpy_rng
