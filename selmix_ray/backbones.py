@@ -9,8 +9,15 @@ Four kinds, chosen by a spec string:
   checkpoint file; missing/unexpected keys are reported. Its last ``Linear`` becomes the initial head
   when it has K outputs, and is replaced by ``Identity`` so the model returns penultimate features.
 - ``"package.module:function"``: a user factory called as ``function(n_classes=K, in_channels=C)``
-  returning an ``nn.Module`` (images -> (n, d) features or (n, C', H', W') maps) or a pair
-  ``(module, head)`` with ``head`` an ``nn.Linear(d, K)``.
+  returning an ``nn.Module`` (images -> (n, d) features or (n, C', H', W') maps), a pair
+  ``(module, head)`` with ``head`` an ``nn.Linear(d, K)``, or a dict ``{"trunk": module, "block": module,
+  "head": nn.Linear | None}`` that names its own split (images -> trunk -> block -> features; needed for
+  ``cut="block"``).
+
+Top-block mode (``cut="block"``, SPEC.md section 13): the cache holds the map entering the backbone's last
+block (the CNN's ``trunk`` output, a ResNet's ``layer4`` input, a factory's ``trunk`` output), and the
+FeatureSet carries that block's initial weights as a payload of numpy arrays (see :func:`block_payload`);
+:func:`build_block` turns the payload back into the trainable :class:`TopBlock`.
 
 torch and torchvision are imported here at module level: this module is only imported when features
 are built.
@@ -29,7 +36,7 @@ import torch
 from torch import nn
 
 from .errors import DataError
-from .features import CNNSettings, backbone_kind
+from .features import CUTS, CNNSettings, backbone_kind
 
 __all__ = [
     "SmallCNN",
@@ -41,6 +48,11 @@ __all__ = [
     "resolve_device",
     "torch_threads",
     "backbone_kind",
+    "CUTS",
+    "TopBlock",
+    "block_payload",
+    "build_block",
+    "cnn_stage",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
 ]
@@ -59,27 +71,36 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 # -- the in-process CNN --------------------------------------------------------------------------
 
 
-class SmallCNN(nn.Module):
-    """Three conv blocks, global average pool, linear head.
+def cnn_stage(c_in: int, c_out: int, *, pool: bool) -> nn.Sequential:
+    """One stage of :class:`SmallCNN`: 3x3 conv, BatchNorm, ReLU, then a 2x2 max-pool when ``pool``."""
+    layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+    return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
 
-    Shapes: images (n, C, H, W) -> ``maps`` (n, 4·width, H/4, W/4) -> pooled (n, 4·width) -> logits (n, K).
-    The cut point is the last conv block's output (its pool is the feature ``x``).
+
+class SmallCNN(nn.Module):
+    """Three conv stages, global average pool, linear head.
+
+    Shapes: images (n, C, H, W) -> ``trunk`` (n, 2·width, H/4, W/4) -> ``maps`` (n, d, H/4, W/4)
+    -> pooled features (n, d) -> logits (n, K), with d = ``feature_dim`` (default 4·width).
+    ``block3`` is the "last block" of top-block mode (``cut="block"``): the cache then holds the trunk's
+    output, the map entering it.
     """
 
-    def __init__(self, in_channels: int, n_classes: int, *, width: int = 16):
+    def __init__(self, in_channels: int, n_classes: int, *, width: int = 16, feature_dim: int | None = None):
         super().__init__()
+        d = feature_dim or 4 * width
+        self.block1 = cnn_stage(in_channels, width, pool=True)
+        self.block2 = cnn_stage(width, 2 * width, pool=True)
+        self.block3 = cnn_stage(2 * width, d, pool=False)
+        self.fc = nn.Linear(d, n_classes)
 
-        def block(c_in, c_out, pool):
-            layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-            return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
-
-        self.block1 = block(in_channels, width, True)
-        self.block2 = block(width, 2 * width, True)
-        self.block3 = block(2 * width, 4 * width, False)
-        self.fc = nn.Linear(4 * width, n_classes)
+    def trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) images -> (n, 2·width, H/4, W/4), the map entering the last block."""
+        return self.block2(self.block1(images))
 
     def maps(self, images: torch.Tensor) -> torch.Tensor:
-        return self.block3(self.block2(self.block1(images)))
+        """(n, C, H, W) images -> (n, d, H/4, W/4), the last block's output."""
+        return self.block3(self.trunk(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.fc(self.maps(images).mean(dim=(2, 3)))
@@ -104,7 +125,7 @@ def train_cnn(
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = SmallCNN(images.shape[1], n_classes, width=settings.width).to(device)
+        model = SmallCNN(images.shape[1], n_classes, width=settings.width, feature_dim=settings.feature_dim).to(device)
         x_all = transform(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device))
         y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
         n = len(y_all)
@@ -222,6 +243,68 @@ def fit_erm_head(
     )
 
 
+# -- top-block mode ------------------------------------------------------------------------------
+
+
+class TopBlock(nn.Module):
+    """The trainable top block of ``cut="block"``: cached map (B, C, H, W) -> features (B, d).
+
+    ``block`` is the backbone's last block; a 4-D output is global-average pooled (as the backbone
+    pools before its classifier), a 2-D one is returned as it is.
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        out = self.block(maps)
+        return out.mean(dim=(2, 3)) if out.ndim == 4 else out.flatten(1)
+
+
+def block_payload(kind: str, block: nn.Module, config: dict) -> dict:
+    """What a FeatureSet carries of the last block: plain numpy and JSON, so it crosses Ray's object store.
+
+    Returns ``{"kind": kind, "state_dict": {name: ndarray}, "config": config}``; ``kind`` and the JSON-able
+    ``config`` say how :func:`build_block` rebuilds the module (``"cnn"``: ``in_channels``,
+    ``out_channels``, ``pool``; ``"torchvision"``: ``model``, ``num_classes``, ``attribute``;
+    ``"factory"``: ``factory``, ``n_classes``, ``in_channels``).
+    """
+    state = {name: value.detach().cpu().numpy().copy() for name, value in block.state_dict().items()}
+    return {"kind": kind, "state_dict": state, "config": dict(config)}
+
+
+def build_block(payload: dict) -> TopBlock:
+    """A fresh :class:`TopBlock` with the payload's weights (FeatureSet.block), in eval mode, on the CPU.
+
+    Maps a cached map (B, C, H, W) to the penultimate features (B, d), pooled; with the initial weights
+    it reproduces the FeatureSet's ``x`` from its ``maps``. Every parameter has ``requires_grad=True``;
+    BatchNorm running statistics are part of the state. The payload's arrays are copied, never written
+    (they may be read-only object-store views). A ``"factory"`` block calls the user's factory again,
+    so its module must be importable where the block is built.
+    """
+    if not isinstance(payload, dict) or not {"kind", "state_dict", "config"} <= set(payload):
+        raise DataError(
+            "build_block needs a FeatureSet.block payload {'kind', 'state_dict', 'config'}; build the features "
+            "with cut='block'."
+        )
+    kind, config = payload["kind"], payload["config"]
+    if kind == "cnn":
+        block = cnn_stage(config["in_channels"], config["out_channels"], pool=config["pool"])
+    elif kind == "torchvision":
+        from torchvision import models
+
+        model = models.get_model(config["model"], weights=None, num_classes=config["num_classes"])
+        block = model.get_submodule(config["attribute"])
+    elif kind == "factory":
+        block = _call_factory(config["factory"], n_classes=config["n_classes"], in_channels=config["in_channels"])["block"]
+    else:
+        raise DataError(f"Unknown block kind {kind!r}. Available: cnn, torchvision, factory.")
+    state = {name: torch.as_tensor(np.array(value)) for name, value in payload["state_dict"].items()}
+    block.load_state_dict(state, strict=True)
+    return TopBlock(block).eval()
+
+
 # -- preparing any backbone ----------------------------------------------------------------------
 
 
@@ -233,11 +316,14 @@ class PreparedBackbone:
         extract: (m, C, H, W) float32 tensor on ``device`` -> (x (m, d), maps (m, C', H', W') or None).
         head: (weight (K, d), bias (K,)) float32 when the backbone's own classifier has K classes.
         info: JSON-able facts (kind, loaded/missing/unexpected checkpoint keys, ...).
+        block: with ``cut="block"``, the last block's :func:`block_payload`; ``extract`` then returns
+            maps = the block's input and x = the global pool of its output.
     """
 
     extract: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
     head: tuple[np.ndarray, np.ndarray] | None = None
     info: dict = field(default_factory=dict)
+    block: dict | None = None
 
 
 def _linear_head(linear: nn.Linear) -> tuple[np.ndarray, np.ndarray]:
@@ -290,7 +376,7 @@ def _replace_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _torchvision_backbone(spec, *, weights, n_classes, keep_maps, device) -> PreparedBackbone:
+def _torchvision_backbone(spec, *, weights, n_classes, keep_maps, cut, device) -> PreparedBackbone:
     from torchvision import models
 
     available = models.list_models()
@@ -329,7 +415,17 @@ def _torchvision_backbone(spec, *, weights, n_classes, keep_maps, device) -> Pre
     in_channels = first_conv.in_channels if first_conv is not None else 3
 
     captured: dict[str, torch.Tensor] = {}
-    if keep_maps:
+    payload = None
+    if cut == "block":
+        top = getattr(model, "layer4", None)
+        if not isinstance(top, nn.Module):
+            raise DataError(
+                f"cut='block' on a torchvision model caches the input of its `layer4` (ResNet family); {spec!r} "
+                f"has none. Use a factory returning {{'trunk', 'block', 'head'}} instead."
+            )
+        payload = block_payload("torchvision", top, {"model": spec, "num_classes": int(ckpt_classes), "attribute": "layer4"})
+        top.register_forward_pre_hook(lambda _m, inputs: captured.__setitem__("maps", inputs[0]))
+    elif keep_maps:
         pool = getattr(model, "avgpool", None)
         if not isinstance(pool, nn.Module):
             raise DataError(f"keep_maps=True needs a model with an `avgpool` module; {spec!r} has none.")
@@ -338,9 +434,9 @@ def _torchvision_backbone(spec, *, weights, n_classes, keep_maps, device) -> Pre
     def extract(images):
         if images.shape[1] == 1 and in_channels == 3:
             images = images.expand(-1, 3, -1, -1)
-        x = model(images).flatten(1)
-        maps = captured.pop("maps", None) if keep_maps else None
-        if maps is not None:
+        x = model(images).flatten(1)  # the pooled output of layer4 when cut="block"
+        maps = captured.pop("maps", None)
+        if maps is not None and cut == "penultimate":
             if maps.shape[1] != head_in_features:
                 raise DataError(
                     f"keep_maps=True needs the classifier right after avgpool (as in ResNets), but {spec!r} "
@@ -356,27 +452,61 @@ def _torchvision_backbone(spec, *, weights, n_classes, keep_maps, device) -> Pre
         "missing_keys": missing,
         "unexpected_keys": unexpected,
     }
-    return PreparedBackbone(extract, head, info)
+    return PreparedBackbone(extract, head, info, payload)
 
 
-def _factory_backbone(spec, *, n_classes, in_channels, keep_maps, device) -> PreparedBackbone:
+def _call_factory(spec: str, *, n_classes: int, in_channels: int) -> dict:
+    """Import and call a user factory; returns ``{"trunk": module, "block": module | None, "head": Linear | None}``."""
     module_name, _, func_name = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), func_name)
     except (ImportError, AttributeError) as exc:
         raise DataError(f"Cannot import backbone factory {spec!r}: {exc}. Expected 'package.module:function'.") from exc
     made = factory(n_classes=n_classes, in_channels=in_channels)
-    head = None
-    if isinstance(made, tuple):
-        module, head_layer = made
-        if not isinstance(head_layer, nn.Linear) or head_layer.out_features != n_classes:
-            raise DataError(f"Factory {spec!r} returned a head that is not an nn.Linear(d, {n_classes}).")
-        head = _linear_head(head_layer)
+    if isinstance(made, dict):
+        if not {"trunk", "block"} <= set(made) or not set(made) <= {"trunk", "block", "head"}:
+            raise DataError(
+                f"Factory {spec!r} returned a dict with keys {sorted(made)}; expected 'trunk', 'block' and "
+                f"optionally 'head'."
+            )
+        parts = {"trunk": made["trunk"], "block": made["block"], "head": made.get("head")}
+    elif isinstance(made, tuple) and len(made) == 2:
+        parts = {"trunk": made[0], "block": None, "head": made[1]}
     else:
-        module = made
-    if not isinstance(module, nn.Module):
-        raise DataError(f"Factory {spec!r} must return an nn.Module or (module, head), got {type(module).__name__}.")
-    module.eval().to(device)
+        parts = {"trunk": made, "block": None, "head": None}
+    for name in ("trunk", "block"):
+        if parts[name] is not None and not isinstance(parts[name], nn.Module):
+            raise DataError(
+                f"Factory {spec!r} must return an nn.Module, (module, head) or {{'trunk', 'block', 'head'}}; "
+                f"its {name} is a {type(parts[name]).__name__}."
+            )
+    head = parts["head"]
+    if head is not None and (not isinstance(head, nn.Linear) or head.out_features != n_classes):
+        raise DataError(f"Factory {spec!r} returned a head that is not an nn.Linear(d, {n_classes}).")
+    return parts
+
+
+def _factory_backbone(spec, *, n_classes, in_channels, keep_maps, cut, device) -> PreparedBackbone:
+    parts = _call_factory(spec, n_classes=n_classes, in_channels=in_channels)
+    head = _linear_head(parts["head"]) if parts["head"] is not None else None
+    trunk, block = parts["trunk"].eval().to(device), parts["block"]
+    if cut == "block":
+        if block is None:
+            raise DataError(
+                f"cut='block' needs factory {spec!r} to name its split: return {{'trunk': module, 'block': "
+                f"module, 'head': nn.Linear or None}} (images -> trunk -> block -> features)."
+            )
+        payload = block_payload("factory", block, {"factory": spec, "n_classes": n_classes, "in_channels": in_channels})
+        block.eval().to(device)
+
+        def extract(images):
+            maps = trunk(images)
+            if maps.ndim != 4:
+                raise DataError(f"cut='block' needs the trunk of {spec!r} to return (n, C, H, W) maps, got {tuple(maps.shape)}.")
+            return _from_output(block(maps), False, spec)[0], maps
+
+        return PreparedBackbone(extract, head, {"kind": "factory"}, payload)
+    module = trunk if block is None else nn.Sequential(trunk, block.eval().to(device))
     return PreparedBackbone(lambda images: _from_output(module(images), keep_maps, spec), head, {"kind": "factory"})
 
 
@@ -388,6 +518,7 @@ def prepare_backbone(
     keep_maps: bool,
     device: torch.device,
     seed: int,
+    cut: str = "penultimate",
     weights=None,
     cnn: CNNSettings | None = None,
     train_images: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
@@ -397,12 +528,16 @@ def prepare_backbone(
     """Build (and for ``"cnn"``, train) the frozen backbone named by ``spec``.
 
     ``train_images()`` returns the labeled split's (n, C, H, W) images and (n,) labels; only the CNN
-    calls it.
+    calls it. ``cut="block"`` (one of :data:`CUTS`) makes ``extract`` return the map entering the last
+    block as ``maps`` and fills ``PreparedBackbone.block``; ``keep_maps`` then has no further effect.
     """
+    if cut not in CUTS:
+        raise DataError(f"cut must be one of {', '.join(CUTS)}, but got {cut=!r}.")
     kind = backbone_kind(spec)
     if kind == "identity":
-        if keep_maps:
-            raise DataError("keep_maps=True needs a backbone with spatial maps; use backbone='cnn'.")
+        if keep_maps or cut == "block":
+            what = "cut='block'" if cut == "block" else "keep_maps=True"
+            raise DataError(f"{what} needs a backbone with spatial maps; use backbone='cnn'.")
         return PreparedBackbone(lambda images: (images.flatten(1), None), None, {"kind": "identity"})
     if kind == "cnn":
         images, labels = train_images()
@@ -412,12 +547,23 @@ def prepare_backbone(
         )
         with torch.no_grad():
             accuracy = float((model(transform(torch.from_numpy(images).to(device))).argmax(1).cpu().numpy() == labels).mean())
+        info = {"kind": "cnn", "train_accuracy": accuracy}
+        if cut == "block":
+            conv = model.block3[0]
+            config = {"in_channels": conv.in_channels, "out_channels": conv.out_channels, "pool": False}
+
+            def extract_block_input(batch):
+                maps = model.trunk(batch)
+                return model.block3(maps).mean(dim=(2, 3)), maps
+
+            return PreparedBackbone(extract_block_input, _linear_head(model.fc), info, block_payload("cnn", model.block3, config))
 
         def extract(batch):
             maps = model.maps(batch)
             return maps.mean(dim=(2, 3)), (maps if keep_maps else None)
 
-        return PreparedBackbone(extract, _linear_head(model.fc), {"kind": "cnn", "train_accuracy": accuracy})
+        return PreparedBackbone(extract, _linear_head(model.fc), info)
     if kind == "factory":
-        return _factory_backbone(spec, n_classes=n_classes, in_channels=in_channels, keep_maps=keep_maps, device=device)
-    return _torchvision_backbone(spec, weights=weights, n_classes=n_classes, keep_maps=keep_maps, device=device)
+        return _factory_backbone(spec, n_classes=n_classes, in_channels=in_channels, keep_maps=keep_maps, cut=cut,
+                                 device=device)
+    return _torchvision_backbone(spec, weights=weights, n_classes=n_classes, keep_maps=keep_maps, cut=cut, device=device)

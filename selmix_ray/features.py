@@ -43,12 +43,16 @@ __all__ = [
     "load_cached",
     "OPTION_DEFAULTS",
     "CACHE_FORMAT",
+    "CUTS",
 ]
 
 CACHE_FORMAT = 1  # bump when the on-disk layout changes
 MANIFEST = "manifest.json"
 META = "meta.json"
 DTYPES = ("float32", "float16")
+CUTS = ("penultimate", "block")  # where the frozen part ends (SPEC.md section 13)
+MAPS_FLOAT16_ABOVE_BYTES = 1 << 30  # maps_dtype="auto": float16 maps when float32 ones would exceed 1 GiB
+BLOCK_FILE = "block.npz"  # the top block's initial state_dict (cut="block")
 
 # Every option build_features accepts (beyond dataset, rho, backbone, cache_dir, seed), with its default.
 OPTION_DEFAULTS: dict[str, Any] = {
@@ -63,14 +67,17 @@ OPTION_DEFAULTS: dict[str, Any] = {
     # transform and storage
     "image_size": None,  # resize images to image_size x image_size before the backbone
     "normalize": None,  # "imagenet" or "none"; None: "imagenet" for torchvision models, else "none"
+    "cut": "penultimate",  # "penultimate": x = the backbone's features; "block": also cache the last block's input
     "keep_maps": False,  # also keep the (n, C, H, W) map at the cut point; x is its global average pool
-    "dtype": "float32",  # storage dtype of x and maps: "float32" or "float16"
+    "dtype": "float32",  # storage dtype of x (and of maps, see maps_dtype): "float32" or "float16"
+    "maps_dtype": "auto",  # "auto": dtype, but float16 when float32 maps would exceed MAPS_FLOAT16_ABOVE_BYTES
     # backbone
     "weights": None,  # torchvision models: local checkpoint file (a state_dict)
     "epochs": 20,  # CNN: training passes over the labeled split
     "lr": 6e-3,  # CNN: Adam learning rate
     "weight_decay": 5e-4,  # CNN: Adam weight decay
-    "width": 16,  # CNN: first block's channels (feature dimension 4 * width)
+    "width": 16,  # CNN: first block's channels (the second has 2 * width)
+    "feature_dim": None,  # CNN: channels of the last block = feature dimension d (None: 4 * width)
     "train_batch_size": 64,  # CNN: training batch size
     "augment": True,  # CNN: random shifts while training
     "head_steps": 300,  # ERM head (identity / mismatched classifier): full-batch Adam steps
@@ -83,7 +90,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "verify": False,  # on a cache hit, also check every file's sha256 (sizes are always checked)
 }
 _EXECUTION_OPTIONS = ("device", "batch_size", "num_threads", "progress", "verify")
-_CNN_OPTIONS = ("epochs", "lr", "weight_decay", "width", "train_batch_size", "augment")
+_CNN_OPTIONS = ("epochs", "lr", "weight_decay", "width", "feature_dim", "train_batch_size", "augment")
 
 
 def backbone_kind(spec: str) -> str:
@@ -102,7 +109,8 @@ class CNNSettings:
     epochs: int = 20  # passes over the long-tailed labeled split
     lr: float = 6e-3  # Adam learning rate, cosine-decayed to 0 (2e-3: mean test recall 0.44 vs 0.54, mnist rho=100)
     weight_decay: float = 5e-4  # Adam (L2) weight decay
-    width: int = 16  # channels of the first block; the feature dimension is 4 * width
+    width: int = 16  # channels of the first block; the second has 2 * width
+    feature_dim: int | None = None  # channels of the last block = feature dimension d (None: 4 * width)
     train_batch_size: int = 64  # SGD batch size while training
     augment: bool = True  # random shifts of up to 1/8 of the image side while training
 
@@ -113,6 +121,9 @@ class CNNSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be an integer >= 1, but got {name}={value!r}.")
+        d = self.feature_dim
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
+            problems.append(f"feature_dim must be None or an integer >= 1, but got feature_dim={d!r}.")
         if not isinstance(self.augment, bool):
             problems.append(f"augment must be True or False, but got augment={self.augment!r}.")
         for name in ("lr", "weight_decay"):
@@ -167,6 +178,12 @@ def _resolve_options(dataset: str, rho, backbone: str, seed, opts: dict) -> dict
     full = {**OPTION_DEFAULTS, **{k: v for k, v in opts.items() if k in OPTION_DEFAULTS}}
     if full["dtype"] not in DTYPES:
         problems.append(f"dtype must be one of {', '.join(DTYPES)}, but got {full['dtype']!r}.")
+    if full["maps_dtype"] not in ("auto", *DTYPES):
+        problems.append(f"maps_dtype must be 'auto', 'float32' or 'float16', but got {full['maps_dtype']!r}.")
+    if full["cut"] not in CUTS:
+        problems.append(f"cut must be one of {', '.join(CUTS)}, but got {full['cut']!r}.")
+    elif full["cut"] == "block" and isinstance(backbone, str) and backbone_kind(backbone) == "identity":
+        problems.append("cut='block' needs a backbone with a last block (cnn, a ResNet, or a factory's split), not identity.")
     if full["normalize"] not in (None, "imagenet", "none"):
         problems.append(f"normalize must be 'imagenet', 'none' or None, but got {full['normalize']!r}.")
     if isinstance(full["batch_size"], bool) or not isinstance(full["batch_size"], int) or full["batch_size"] < 1:
@@ -182,6 +199,8 @@ def _resolve_options(dataset: str, rho, backbone: str, seed, opts: dict) -> dict
         raise ConfigError(problems, where="build_features arguments")
     if full["normalize"] is None:
         full["normalize"] = "imagenet" if backbone_kind(backbone) == "torchvision" else "none"
+    if full["cut"] == "block":
+        full["keep_maps"] = True  # the block's input maps are what block mode caches
     return full
 
 
@@ -190,7 +209,7 @@ def cache_key_fields(dataset: str, *, rho, backbone: str, seed: int, options: di
 
     Dataset name and root identity, split sizes (dataset defaults filled in), seed, rho, the unlabeled
     parameters, the backbone spec (name, checkpoint sha256, the CNN's training settings), the cut
-    point, keep_maps, the transform, the storage dtype and the ERM head's settings.
+    point, keep_maps, the transform, the storage dtypes and the ERM head's settings.
     """
     defaults = DATASET_DEFAULTS.get(dataset, {})
     sizes = {k: options[k] if options[k] is not None else defaults.get(k) for k in ("n_val", "n_test", "n_max")}
@@ -213,10 +232,11 @@ def cache_key_fields(dataset: str, *, rho, backbone: str, seed: int, options: di
         "seed": int(seed),
         "rho": None if rho is None else float(rho),  # 10 and 10.0 are one key
         "backbone": spec,
-        "cut": "penultimate",
+        "cut": options["cut"],
         "keep_maps": bool(options["keep_maps"]),
         "transform": {"image_size": options["image_size"], "normalize": options["normalize"]},
         "dtype": options["dtype"],
+        "maps_dtype": options["maps_dtype"],
         "head": {"steps": options["head_steps"], "lr": options["head_lr"]},
     }
 
@@ -301,6 +321,11 @@ def _write_entry(entry: Path, features: FeatureSet) -> None:
         files["head.arrow"] = None
         meta = {"n_classes": features.n_classes, "class_names": list(features.class_names),
                 "key": features.key, "metadata": features.metadata}
+        if features.block is not None:
+            np.savez(tmp / BLOCK_FILE, **features.block["state_dict"])
+            files[BLOCK_FILE] = None
+            meta["block"] = {"kind": features.block["kind"], "config": features.block["config"],
+                             "names": list(features.block["state_dict"])}
         (tmp / META).write_text(json.dumps(meta, indent=1))
         files[META] = None
         manifest = {
@@ -367,6 +392,7 @@ def load_cached(entry: str | os.PathLike, *, verify: bool = False) -> FeatureSet
             splits[name] = Split(x=arrays["x"], y=arrays["y"], maps=arrays.get("maps"))
             true_y = arrays.get("true_y", true_y)
         head = _read_arrays(entry / "head.arrow")
+        block = _read_block(entry, meta["block"]) if "block" in meta else None
     except DataError:
         raise
     except Exception as exc:  # pyarrow raises ArrowInvalid/OSError/KeyError on damaged files
@@ -376,8 +402,17 @@ def load_cached(entry: str | os.PathLike, *, verify: bool = False) -> FeatureSet
     return FeatureSet(
         train=splits["train"], val=splits["val"], test=splits["test"], unlabeled=splits["unlabeled"],
         unlabeled_true_y=true_y, n_classes=int(meta["n_classes"]), class_names=tuple(meta["class_names"]),
-        weight=head["weight"], bias=head["bias"], key=meta["key"], metadata=metadata,
+        weight=head["weight"], bias=head["bias"], key=meta["key"], metadata=metadata, block=block,
     )
+
+
+def _read_block(entry: Path, facts: dict) -> dict:
+    """The top block's payload ``{"kind", "state_dict": {name: read-only ndarray}, "config"}`` (small: read whole)."""
+    with np.load(entry / BLOCK_FILE, allow_pickle=False) as stored:
+        state = {name: stored[name] for name in facts["names"]}
+    for array in state.values():
+        array.flags.writeable = False
+    return {"kind": facts["kind"], "state_dict": state, "config": facts["config"]}
 
 
 # -- building ------------------------------------------------------------------------------------
@@ -402,7 +437,17 @@ def build_features(
         cache_dir: where entries live; default :func:`default_cache_dir`.
         seed: splits, CNN training and the ERM head.
         **opts: see :data:`OPTION_DEFAULTS` (root, n_val, n_test, n_max, rho_unlabeled,
-            n_max_unlabeled, keep_maps, dtype, weights, device, batch_size, progress, epochs, ...).
+            n_max_unlabeled, cut, keep_maps, dtype, maps_dtype, weights, device, batch_size, progress,
+            epochs, ...).
+
+    ``cut="block"`` (top-block mode, SPEC.md section 13): each split's ``maps`` (n, C, H, W) is the map
+    *entering* the backbone's last block (the CNN's ``block3``, a ResNet's ``layer4``, the ``block`` a
+    factory returns in ``{"trunk", "block", "head"}``); ``x`` (n, d) is still the penultimate feature, the
+    global pool of that block's output computed once with its initial weights, so head-only code works
+    unchanged; ``FeatureSet.block`` is ``{"kind", "state_dict": {name: ndarray}, "config"}``, the block's
+    initial weights, and ``selmix_ray.backbones.build_block(features.block)`` rebuilds the trainable block
+    (maps (B, C, H, W) -> features (B, d)). Maps are float16 when float32 ones would exceed
+    :data:`MAPS_FLOAT16_ABOVE_BYTES` (``maps_dtype="auto"``).
 
     Returns:
         A read-only FeatureSet whose arrays are memory-mapped views of the cache entry.
@@ -443,6 +488,7 @@ def build_features(
         "seed": int(seed),
         "dtype": options["dtype"],
         "keep_maps": bool(options["keep_maps"]),
+        "cut": options["cut"],
         "key_fields": fields,
     }
     built = FeatureSet(**{**_fields_of(built), "key": key, "metadata": metadata})
@@ -525,7 +571,8 @@ def _build_with(dataset: str, *, rho, backbone: str, seed: int, options: dict, d
 
     backbone_info: dict[str, Any] = {"kind": "precomputed"} if precomputed else {}
     if precomputed and options["keep_maps"]:
-        raise DataError("keep_maps=True needs images; this npz file holds (n, d) features.")
+        what = "cut='block'" if options["cut"] == "block" else "keep_maps=True"
+        raise DataError(f"{what} needs images; this npz file holds (n, d) features.")
     prepared = None
     if not precomputed:
         transform = _make_transform(options)
@@ -534,7 +581,7 @@ def _build_with(dataset: str, *, rho, backbone: str, seed: int, options: dict, d
         started = time.perf_counter()
         prepared = prepare_backbone(
             backbone, n_classes=K, in_channels=sample.shape[1], keep_maps=bool(options["keep_maps"]),
-            device=device, seed=seed, weights=options["weights"],
+            device=device, seed=seed, cut=options["cut"], weights=options["weights"],
             cnn=CNNSettings(**{k: options[k] for k in _CNN_OPTIONS}),
             train_images=lambda: (load(plan.splits["train"]), plan.splits["train"].labels),
             transform=transform, progress=options["progress"],
@@ -545,6 +592,12 @@ def _build_with(dataset: str, *, rho, backbone: str, seed: int, options: dict, d
     started = time.perf_counter()
     outputs: dict[str, Split | None] = {}
     n_images = 0
+    n_total = sum(len(source.indices) for source in plan.splits.values() if source is not None)
+
+    def maps_dtype_for(values_per_image: int) -> np.dtype:
+        if options["maps_dtype"] != "auto":
+            return np.dtype(options["maps_dtype"])
+        return np.dtype("float16") if 4 * values_per_image * n_total > MAPS_FLOAT16_ABOVE_BYTES else dtype
     for name, source in plan.splits.items():
         if source is None:
             outputs[name] = None
@@ -552,7 +605,8 @@ def _build_with(dataset: str, *, rho, backbone: str, seed: int, options: dict, d
         if precomputed:
             x, maps = load(source).astype(dtype), None
         else:
-            x, maps = _extract(prepared, raw.pools[source.pool], source.indices, transform, options, device, dtype, name)
+            x, maps = _extract(prepared, raw.pools[source.pool], source.indices, transform, options, device, dtype,
+                               maps_dtype_for, name)
             n_images += len(source.indices)
         y = source.labels if name != "unlabeled" else np.full(len(source.indices), -1, np.int64)
         outputs[name] = Split(x=x, y=y.astype(np.int64), maps=maps)
@@ -588,7 +642,7 @@ def _build_with(dataset: str, *, rho, backbone: str, seed: int, options: dict, d
         train=outputs["train"], val=outputs["val"], test=outputs["test"], unlabeled=outputs["unlabeled"],
         unlabeled_true_y=unlabeled_true_y, n_classes=K, class_names=raw.class_names,
         weight=np.ascontiguousarray(weight, np.float32), bias=np.ascontiguousarray(bias, np.float32),
-        metadata=metadata,
+        metadata=metadata, block=prepared.block if prepared is not None else None,
     )
 
 
@@ -614,8 +668,11 @@ def _make_transform(options: dict):
     return transform
 
 
-def _extract(prepared, pool, indices, transform, options, device, dtype, name):
-    """Run the frozen backbone over ``indices`` in batches; returns (x (n, d), maps (n, C, H, W) | None)."""
+def _extract(prepared, pool, indices, transform, options, device, dtype, maps_dtype_for, name):
+    """Run the frozen backbone over ``indices`` in batches; returns (x (n, d), maps (n, C, H, W) | None).
+
+    ``maps_dtype_for(values per image)`` gives the storage dtype of the maps.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -628,7 +685,7 @@ def _extract(prepared, pool, indices, transform, options, device, dtype, name):
             x, maps = prepared.extract(transform(batch.to(device)))
             xs.append(x.float().cpu().numpy().astype(dtype))
             if maps is not None:
-                maps_parts.append(maps.float().cpu().numpy().astype(dtype))
+                maps_parts.append(maps.float().cpu().numpy().astype(maps_dtype_for(maps[0].numel())))
     if not xs:
         raise DataError(f"The {name} split is empty; check n_val/n_test/n_max.")
     maps = np.concatenate(maps_parts) if maps_parts else None

@@ -117,8 +117,9 @@ def key_for(backbone="cnn", **options):
 
 def test_key_covers_backbone_fields_and_ignores_execution(tmp_path):
     base = key_for()
-    for change in ({"epochs": 3}, {"lr": 1e-3}, {"augment": False}, {"width": 8}, {"train_batch_size": 32}, {"weight_decay": 0.0},
-                   {"keep_maps": True}, {"normalize": "imagenet"}):
+    for change in ({"epochs": 3}, {"lr": 1e-3}, {"augment": False}, {"width": 8}, {"feature_dim": 32},
+                   {"train_batch_size": 32}, {"weight_decay": 0.0}, {"keep_maps": True}, {"normalize": "imagenet"},
+                   {"cut": "block"}, {"maps_dtype": "float16"}):
         assert key_for(**change) != base, change
     assert key_for("identity") != base
     from selmix_ray.features import _resolve_options
@@ -235,6 +236,11 @@ FACTORY = textwrap.dedent(
     import torch
     calls = []
 
+    def split(*, n_classes, in_channels):
+        trunk = torch.nn.Sequential(torch.nn.Conv2d(in_channels, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+        block = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU())
+        return {"trunk": trunk, "block": block, "head": torch.nn.Linear(6, n_classes)}
+
     def make(*, n_classes, in_channels):
         calls.append(n_classes)
         trunk = torch.nn.Sequential(torch.nn.Conv2d(in_channels, 5, 3, padding=1), torch.nn.ReLU())
@@ -313,3 +319,93 @@ def test_object_store_round_trip_is_zero_copy(ray_cluster, digits_identity):
                      "checksum": float(np.asarray(digits_identity.train.x, np.float64).sum())}
     local = FeatureSet.from_object_store(ref)
     np.testing.assert_array_equal(local.val.x, digits_identity.val.x)
+
+
+# -- top-block mode (cut="block") ------------------------------------------------------------------
+
+BLOCK_OPTS = dict(rho=10, backbone="cnn", epochs=1, **QUIET)
+
+
+@pytest.fixture(scope="module")
+def digits_cnn_block(tmp_path_factory):
+    return build_features("digits", cut="block", cache_dir=tmp_path_factory.mktemp("block"), **BLOCK_OPTS)
+
+
+def test_block_mode_caches_block_input_and_weights(digits_cnn_block, tmp_path, monkeypatch):
+    import torch
+
+    fs = digits_cnn_block
+    assert fs.metadata["cut"] == "block" and fs.dim == 64
+    assert fs.train.maps.shape == (len(fs.train), 32, 2, 2)  # block2's output: the map entering block3
+    assert fs.block["kind"] == "cnn" and fs.block["config"] == {"in_channels": 32, "out_channels": 64, "pool": False}
+    assert fs.block["state_dict"]["0.weight"].shape == (64, 32, 3, 3)
+    assert all(isinstance(v, np.ndarray) for v in fs.block["state_dict"].values())
+    json.dumps(fs.metadata)
+    # x is the penultimate feature of the same trained CNN: equal to the default cut's x
+    penultimate = build_features("digits", cache_dir=tmp_path, **BLOCK_OPTS)
+    assert penultimate.key != fs.key and penultimate.block is None
+    np.testing.assert_array_equal(fs.test.x, penultimate.test.x)
+    np.testing.assert_array_equal(fs.weight, penultimate.weight)
+    # the rebuilt block maps the stored maps to the stored x
+    block = backbones.build_block(fs.block)
+    assert isinstance(block, backbones.TopBlock) and not block.training
+    with torch.no_grad():
+        for split in (fs.train, fs.val, fs.test):
+            x = block(torch.from_numpy(np.array(split.maps))).numpy()
+            np.testing.assert_allclose(x, split.x, rtol=1e-5, atol=1e-5)
+    assert all(p.requires_grad for p in block.parameters())
+    # a cache hit brings the block back, read-only, without running anything
+    forbid_cold_path(monkeypatch)
+    hit = build_features("digits", cut="block", cache_dir=fs.metadata["build_args"]["cache_dir"], **BLOCK_OPTS)
+    assert hit.metadata["cache_hit"] and hit.block["config"] == fs.block["config"]
+    for name, value in fs.block["state_dict"].items():
+        np.testing.assert_array_equal(hit.block["state_dict"][name], value)
+        assert not hit.block["state_dict"][name].flags.writeable
+
+
+def test_block_mode_factory_split_and_float16_maps(tmp_path, monkeypatch):
+    import torch
+
+    import selmix_ray.features as features
+
+    (tmp_path / "split_backbones.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(features, "MAPS_FLOAT16_ABOVE_BYTES", 0)  # every map counts as large
+    fs = build_features("digits", rho=5, backbone="split_backbones:split", cut="block", cache_dir=tmp_path / "c", **QUIET)
+    assert fs.train.maps.shape[1:] == (4, 4, 4) and fs.train.maps.dtype == np.float16 and fs.train.x.dtype == np.float32
+    assert fs.block["kind"] == "factory" and fs.metadata["head_source"] == "backbone" and fs.dim == 6
+    with torch.no_grad():
+        x = backbones.build_block(fs.block)(torch.from_numpy(fs.test.maps.astype(np.float32))).numpy()
+    np.testing.assert_allclose(x, fs.test.x, rtol=1e-2, atol=1e-2)  # float16 maps
+    with pytest.raises(DataError, match="needs factory 'split_backbones:make' to name its split"):
+        build_features("digits", rho=5, backbone="split_backbones:make", cut="block", cache_dir=tmp_path / "c", **QUIET)
+    with pytest.raises(ConfigError) as info:
+        build_features("digits", rho=5, backbone="identity", cut="top", cache_dir=tmp_path / "c", **QUIET)
+    assert "cut must be one of penultimate, block" in str(info.value)
+    with pytest.raises(ConfigError, match="cut='block' needs a backbone with a last block"):
+        build_features("digits", rho=5, backbone="identity", cut="block", cache_dir=tmp_path / "c", **QUIET)
+    with pytest.raises(DataError, match="FeatureSet.block payload"):
+        backbones.build_block(None)
+
+
+def test_block_mode_object_store_is_zero_copy(ray_cluster, digits_cnn_block):
+    import ray
+
+    ref = digits_cnn_block.to_object_store()
+
+    @ray.remote(num_cpus=0)
+    def inspect(payload):
+        fs = FeatureSet.from_object_store(payload)
+        maps, weight = fs.train.maps, fs.block["state_dict"]["0.weight"]
+        block = backbones.build_block(fs.block)  # copies: the shared arrays stay read-only
+        return {
+            "maps": (maps.flags.writeable, maps.flags.owndata, maps.base is not None),
+            "weight": (weight.flags.writeable, weight.flags.owndata),
+            "checksum": float(np.asarray(maps, np.float64).sum()),
+            "block_sum": float(block.block[0].weight.detach().double().sum()),
+        }
+
+    facts = ray.get(inspect.remote(ref))
+    assert facts["maps"] == (False, False, True) and facts["weight"] == (False, False)
+    assert facts["checksum"] == float(np.asarray(digits_cnn_block.train.maps, np.float64).sum())
+    assert facts["block_sum"] == pytest.approx(float(digits_cnn_block.block["state_dict"]["0.weight"].astype(np.float64).sum()))
