@@ -6,16 +6,22 @@ A thin adapter, nothing more::
     engine report(metrics) + checkpoint(state) -> one ray.tune.report(metrics, checkpoint=...)
 
 The features arrive through ``tune.with_parameters`` as the dict that ``FeatureSet.to_object_store`` put
-in the object store: numpy arrays that are read-only, zero-copy views of shared memory. Every report
-carries a checkpoint directory with the resumable ``FinetuneState`` and the whole history so far, so a
-retried trial (worker crash, node loss) restarts from its last report, not from step 0. Checkpoint layout:
-``finetune_state.pt`` + ``history.json`` (one History); with ``repeats = r > 1``, ``finetune_state_<i>.pt``
-for each copy i and ``history.json`` holding a JSON list of the r histories.
+in the object store: numpy arrays that are read-only, zero-copy views of shared memory.
+
+Every engine report becomes one ``tune.report``; some of them also carry a checkpoint with the resumable
+``FinetuneState`` and the whole history so far: step 0, every ``checkpoint_every``-th report, the steps in
+``checkpoint_steps`` (the scheduler's rungs, where a trial may be stopped, so a stopped trial's last report
+is checkpointed) and the last step. A retried trial (worker crash, node loss) restarts from its last
+checkpoint and replays the reports after it; the engine is deterministic, so the replayed values equal the
+first ones. Checkpoint layout: ``finetune_state.pt`` + ``history.json`` (one History); with ``repeats = r
+> 1``, ``finetune_state_<i>.pt`` for each copy i and ``history.json`` holding a JSON list of the r
+histories. The history is stored once, in ``history.json`` (the state files hold an empty one, filled in
+from ``history.json`` on load), so a checkpoint costs one history, not two.
 
 Ray is imported lazily (inside the functions), so importing this module starts nothing.
 
-Test-only fault hook: ``settings["fault_at_step"] = N`` makes a trial raise once, right after it has
-checkpointed step N, so the retry path can be tested. ``search`` fills it from the environment variables
+Test-only fault hook: ``settings["fault_at_step"] = N`` makes a trial raise once, right after its first
+checkpoint at a step >= N, so the retry path can be tested. ``search`` fills it from the environment variables
 ``SELMIX_RAY_TEST_FAULT_AT_STEP`` and ``SELMIX_RAY_TEST_FAULT_MAX_TRIALS`` (default: every trial) of the
 *driver* (workers of an already running cluster do not see the driver's environment). Marker files in
 a folder the driver names make it fire once per trial, in at most that many trials. Never set them
@@ -24,12 +30,15 @@ outside tests.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .constants import HISTORY_FILE, STATE_FILE, STEP_KEY
+from .constants import HISTORY_FILE, STATE_FILE
+from .errors import ConfigError
 
 __all__ = ["run_trial", "trial_settings", "FAULT_ENV", "FAULT_LIMIT_ENV", "TrialFault"]
 
@@ -42,18 +51,25 @@ class TrialFault(RuntimeError):
     """Raised on purpose by the test-only fault hook (never in normal use)."""
 
 
-def trial_settings(space: dict[str, Any], *, repeats: int, seed: int, fault_dir: str | None = None
-                   ) -> dict[str, Any]:
+def trial_settings(space: dict[str, Any], *, repeats: int, seed: int, checkpoint_every: int = 1,
+                   checkpoint_steps: Sequence[int] = (), fault_dir: str | None = None) -> dict[str, Any]:
     """What every trial of a sweep shares besides the features (small; pickled into the trainable).
 
-    ``space`` is ``SearchSpace.to_dict()``. The test-only fault hook is read here, on the driver;
+    ``space`` is ``SearchSpace.to_dict()``. ``checkpoint_every``: a checkpoint every this many reports
+    (1: every report); ``checkpoint_steps``: steps that are always checkpointed (the scheduler's rungs);
+    step 0 and the last step always are. The test-only fault hook is read here, on the driver;
     ``fault_dir`` is where its marker files go (a folder every worker of a one-machine test can reach).
     """
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every must be an integer >= 1 (reports between checkpoints), but got "
+                          f"{checkpoint_every=!r}.")
     fault, limit = os.environ.get(FAULT_ENV), os.environ.get(FAULT_LIMIT_ENV)
     return {
         "space": space,
         "repeats": int(repeats),
         "seed": int(seed),
+        "checkpoint_every": checkpoint_every,
+        "checkpoint_steps": sorted({int(step) for step in checkpoint_steps}),
         "fault_at_step": int(fault) if fault else None,
         "fault_max_trials": int(limit) if limit else None,
         "fault_dir": fault_dir,
@@ -89,8 +105,12 @@ def run_trial(config: dict[str, Any], *, features: dict[str, Any], settings: dic
         with checkpoint.as_directory() as folder:
             state = _load_state(Path(folder), repeats=repeats)
 
-    reporter = _Reporter(fault_at_step=settings.get("fault_at_step"),
-                         fault_max_trials=settings.get("fault_max_trials"), fault_dir=settings.get("fault_dir"))
+    reporter = _Reporter(
+        checkpoint_at=_CheckpointSchedule(steps=finetune_config.steps, eval_every=finetune_config.eval_every,
+                                          every=settings.get("checkpoint_every", 1),
+                                          extra=settings.get("checkpoint_steps", ())),
+        fault_at_step=settings.get("fault_at_step"), fault_max_trials=settings.get("fault_max_trials"),
+        fault_dir=settings.get("fault_dir"))
     if repeats == 1:
         from .finetune import finetune
 
@@ -125,19 +145,43 @@ def _state_files(folder: Path, repeats: int) -> list[Path]:
 
 
 def _load_state(folder: Path, *, repeats: int):
-    """The FinetuneState (repeats = 1) or the list of per-copy states a checkpoint holds."""
-    from .finetune import FinetuneState
+    """The FinetuneState (repeats = 1) or the list of per-copy states a checkpoint holds.
+
+    The histories come from ``history.json``; a state file's own history is used only when it is not
+    empty (checkpoints written before the history was stored once).
+    """
+    import json
+
+    from .finetune import FinetuneState, History
 
     states = [FinetuneState.load(path) for path in _state_files(folder, repeats)]
+    stored = json.loads((folder / HISTORY_FILE).read_text(encoding="utf-8"))
+    stored = [stored] if repeats == 1 else stored
+    for state, history in zip(states, stored):
+        if not state.history.records:
+            state.history = History.from_json(json.dumps(history))
     return states[0] if repeats == 1 else states
+
+
+class _CheckpointSchedule:
+    """Which reported steps carry a checkpoint: 0, every ``every``-th report, ``extra`` and ``steps``."""
+
+    def __init__(self, *, steps: int, eval_every: int, every: int = 1, extra: Sequence[int] = ()):
+        self.steps, self.eval_every, self.every = steps, eval_every, every
+        self.extra = frozenset(int(step) for step in extra)
+
+    def __call__(self, step: int) -> bool:
+        return (step == 0 or step >= self.steps or step in self.extra
+                or (step // self.eval_every) % self.every == 0)
 
 
 class _Reporter:
     """Pairs each engine report with the checkpoint that follows it into one ``tune.report``."""
 
-    def __init__(self, *, fault_at_step: int | None = None, fault_max_trials: int | None = None,
-                 fault_dir: str | None = None):
+    def __init__(self, *, checkpoint_at=None, fault_at_step: int | None = None,
+                 fault_max_trials: int | None = None, fault_dir: str | None = None):
         self.pending: dict[str, float] | None = None
+        self.checkpoint_at = checkpoint_at or (lambda step: True)
         self.fault_at_step = fault_at_step
         self.fault_max_trials = fault_max_trials
         self.fault_dir = fault_dir
@@ -149,15 +193,20 @@ class _Reporter:
     def checkpoint(self, state) -> None:
         from ray import tune
 
+        from .finetune import History
+
         metrics, self.pending = self.pending or {}, None
+        states = state if isinstance(state, list) else [state]
+        if not self.checkpoint_at(states[0].step):
+            tune.report(metrics)
+            return
         with tempfile.TemporaryDirectory(prefix="selmix_ckpt_") as folder:
-            states = state if isinstance(state, list) else [state]
             for copy_state, path in zip(states, _state_files(Path(folder), len(states))):
-                copy_state.save(path)
+                dataclasses.replace(copy_state, history=History()).save(path)  # the history goes once, below
             (Path(folder) / HISTORY_FILE).write_text(_history_json(states), encoding="utf-8")
             # tune.report persists (copies) the checkpoint before it returns: the folder can go.
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-        self._maybe_fault(metrics)
+        self._maybe_fault(states[0].step)
 
     def flush(self) -> None:
         if self.pending is not None:
@@ -166,9 +215,9 @@ class _Reporter:
             metrics, self.pending = self.pending, None
             tune.report(metrics)
 
-    def _maybe_fault(self, metrics: dict[str, float]) -> None:
-        """Test-only: raise once per trial right after step ``fault_at_step`` was checkpointed."""
-        if self.fault_at_step is None or metrics.get(STEP_KEY) != self.fault_at_step:
+    def _maybe_fault(self, step: int) -> None:
+        """Test-only: raise once per trial right after its first checkpoint at a step >= ``fault_at_step``."""
+        if self.fault_at_step is None or step < self.fault_at_step:
             return
         from ray import tune
 

@@ -126,3 +126,57 @@ def test_fault_hook_raises_once_after_the_checkpoint(fake_tune, monkeypatch, tmp
     assert [m[STEP_KEY] for m, _ in fake.reports] == [0, 10]  # step 10 was checkpointed before the fault
     run_trial({"lr": 1.0}, features=_features().to_dict(), settings=settings)  # the retry does not raise
     assert fake.reports[-1][0][STEP_KEY] == 30
+
+
+def test_checkpoints_at_step_0_every_kth_report_the_rungs_and_the_end(fake_tune, monkeypatch):
+    import torch
+
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    features = _features(3)
+    space = {**SPACE, "fixed": {**SPACE["fixed"], "steps": 50}}
+    settings = trial_settings(space, repeats=1, seed=0, checkpoint_every=2, checkpoint_steps=[30])
+    fake = fake_tune()
+    run_trial({"lr": 1.0}, features=features.to_dict(), settings=settings)
+
+    config = FinetuneConfig.from_dict({"objective": "min_recall", "steps": 50, "eval_every": 10,
+                                       "refresh_every": 5, "lr": 1.0, "seed": 0, "device": "cpu"})
+    reference = []
+    finetune(features, config, report=reference.append)
+    assert len(fake.reports) == len(reference)  # every report reaches Tune, checkpointed or not
+    for (metrics, _), expected in zip(fake.reports, reference):
+        assert metrics == pytest.approx(expected, nan_ok=True, abs=0)
+    checkpointed = [int(m[STEP_KEY]) for m, folder in fake.reports if folder is not None]
+    assert checkpointed == [0, 20, 30, 40, 50]  # 10 is neither a 2nd report, a rung nor the end
+    for metrics, folder in fake.reports:
+        if folder is None:
+            continue
+        history = json.loads((folder / HISTORY_FILE).read_text())
+        assert [r["step"] for r in history["records"]] == list(range(0, int(metrics[STEP_KEY]) + 1, 10))
+        stored = torch.load(folder / STATE_FILE, weights_only=True)
+        assert json.loads(stored["history"])["records"] == []  # the history is written once, in history.json
+
+
+def test_a_retry_from_a_sparse_checkpoint_replays_the_same_reports(fake_tune, monkeypatch):
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    features = _features(4)
+    space = {**SPACE, "fixed": {**SPACE["fixed"], "steps": 50}}
+    settings = trial_settings(space, repeats=2, seed=1, checkpoint_every=3)
+    whole = fake_tune(name="whole")
+    run_trial({"lr": 2.0}, features=features.to_dict(), settings=settings)
+    assert [int(m[STEP_KEY]) for m, folder in whole.reports if folder is not None] == [0, 30, 50]
+
+    resumed = fake_tune(restore_from=whole.reports[3][1], name="resumed")  # the step-30 checkpoint
+    run_trial({"lr": 2.0}, features=features.to_dict(), settings=settings)
+    assert [m[STEP_KEY] for m, _ in resumed.reports] == [40, 50]
+    for (a, _), (b, _) in zip(whole.reports[4:], resumed.reports):
+        assert a == pytest.approx(b, nan_ok=True, abs=0)
+    whole_histories = json.loads((whole.reports[-1][1] / HISTORY_FILE).read_text())
+    resumed_histories = json.loads((resumed.reports[-1][1] / HISTORY_FILE).read_text())
+    assert resumed_histories == whole_histories  # the history restored from history.json went on unchanged
+
+
+def test_checkpoint_every_must_be_a_positive_integer():
+    from selmix_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="checkpoint_every must be an integer >= 1"):
+        trial_settings(SPACE, repeats=1, seed=0, checkpoint_every=0)
