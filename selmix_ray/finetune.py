@@ -792,7 +792,9 @@ class Trainer:
 
     def _load(self, state: FinetuneState) -> None:
         mine = {k: v for k, v in self.config.to_dict().items() if k != "device"}
-        theirs = {k: v for k, v in state.config.items() if k != "device"}
+        defaults = FinetuneConfig().to_dict()  # a field the state predates (e.g. top_lr) had its default
+        theirs = {k: state.config.get(k, defaults[k]) for k in mine} | {
+            k: v for k, v in state.config.items() if k not in mine and k != "device"}
         if mine != theirs:
             changed = sorted(k for k in mine if mine.get(k) != theirs.get(k))
             raise ConfigError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -245,3 +246,19 @@ def test_block_features_are_zero_copy_in_a_trial(features, ray_cluster):
         assert tensor.data_ptr() == maps.__array_interface__["data"][0], name
     trainer.run_until(0)
     trainer.run_until(10)
+
+
+def test_a_state_written_before_top_lr_existed_still_resumes():
+    from tests.test_finetune import synthetic_features
+
+    plain = synthetic_features()
+    config = FinetuneConfig.from_dict(SHORT)
+    uninterrupted, states = [], []
+    finetune(plain, config, report=uninterrupted.append, checkpoint=states.append)
+    old = states[1]
+    del old.config["top_lr"]  # as a checkpoint of an earlier version holds it
+    resumed = []
+    finetune(plain, config, report=resumed.append, state=old)
+    assert resumed == uninterrupted[2:]
+    with pytest.raises(Exception, match="top_lr"):
+        finetune(plain, dataclasses.replace(config, top_lr=2.0), state=old)
