@@ -86,6 +86,16 @@ def digits(tmp_path_factory):
                           cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
 
 
+def test_top_lr_is_a_validated_config_field():
+    assert FinetuneConfig.from_dict({"top_lr": 3}).top_lr == 3.0
+    from selmix_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="top_lr must be >= 0"):
+        FinetuneConfig.from_dict({"top_lr": -1.0})
+    with pytest.raises(ConfigError, match="top_lr must be a number"):
+        FinetuneConfig.from_dict({"top_lr": "fast"})
+
+
 # -- a trial -----------------------------------------------------------------------------------------------
 
 
@@ -262,3 +272,31 @@ def test_a_state_written_before_top_lr_existed_still_resumes():
     assert resumed == uninterrupted[2:]
     with pytest.raises(Exception, match="top_lr"):
         finetune(plain, dataclasses.replace(config, top_lr=2.0), state=old)
+
+
+@pytest.mark.slow
+def test_a_sweep_on_block_features_trains_blocks_in_trials_and_baselines(ray_cluster, digits, tmp_path,
+                                                                        monkeypatch):
+    """search() needs nothing extra: trials and baselines run in top-block mode because the features do."""
+    import json
+
+    from selmix_ray.constants import BASELINES_FILE
+    from selmix_ray.search import search
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the baselines' cache
+    space = {"objective": "min_recall", "space": {"top_lr": {"loguniform": [0.5, 5.0]}},
+             "fixed": {"steps": 20, "eval_every": 10, "batch_size": 32}}
+    run = search(space, features=digits, storage=tmp_path, name="block", num_samples=2, max_concurrent=2,
+                 scheduler="fifo", seed=3)
+    assert len(run.df) == 2 and set(run.df["status"]) == {"complete"}
+    top_lrs = set()
+    for trial_id in run.df["trial_id"]:
+        meta = run.history(trial_id).copies[0]["meta"]
+        assert meta["cut"] == "block"
+        top_lrs.add(meta["config"]["top_lr"])
+    assert len(top_lrs) == 2
+    erm = json.loads((tmp_path / "block" / BASELINES_FILE).read_text())["baselines"]["erm"]
+    config = FinetuneConfig.from_dict({**erm["config"]})
+    assert finetune(digits, config).metrics[-1] == pytest.approx(erm["metrics"], nan_ok=True)  # block mode
+    head_only = finetune(FeatureSet.from_dict({**digits.to_dict(), "block": None}), config).metrics[-1]
+    assert head_only != erm["metrics"]
