@@ -192,7 +192,7 @@ def test_cnn_backbone_head_maps_and_determinism(tmp_path):
     np.testing.assert_array_equal(fs.weight, twin.weight)
 
 
-@pytest.mark.slow  # resnet18 built four times: 5-25 s here, depending on load
+@pytest.mark.slow  # resnet18 built five times: 5-50 s here, depending on load
 def test_torchvision_checkpoint(tmp_path):
     import torch
     from torchvision.models import resnet18
@@ -222,6 +222,15 @@ def test_torchvision_checkpoint(tmp_path):
         expected = model((images - mean) / std).numpy()
     np.testing.assert_allclose(fs.test.x[:40], expected, rtol=1e-4, atol=1e-4)
     json.dumps(fs.metadata)
+    # cut="block": layer4's input is cached, x is unchanged, and the rebuilt layer4 maps one to the other
+    with pytest.warns(UserWarning, match="1 unexpected keys"):
+        block_fs = build_features("digits", rho=10, backbone="resnet18", weights=tmp_path / "r18.pt",
+                                  cache_dir=tmp_path, n_max=30, cut="block", **QUIET)
+    assert block_fs.test.maps.shape == (len(fs.test), 256, 1, 1) and block_fs.block["config"]["attribute"] == "layer4"
+    np.testing.assert_allclose(block_fs.test.x, fs.test.x, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        rebuilt = backbones.build_block(block_fs.block)(torch.from_numpy(np.array(block_fs.test.maps))).numpy()
+    np.testing.assert_allclose(rebuilt, fs.test.x, rtol=1e-5, atol=1e-5)
 
     torch.save(resnet18(num_classes=7).state_dict(), tmp_path / "r18_7.pt")  # other classes: ERM head
     fs7 = build_features("digits", rho=10, backbone="resnet18", weights=tmp_path / "r18_7.pt",
