@@ -68,7 +68,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "image_size": None,  # resize images to image_size x image_size before the backbone
     "normalize": None,  # "imagenet" or "none"; None: "imagenet" for torchvision models, else "none"
     "cut": "penultimate",  # "penultimate": x = the backbone's features; "block": also cache the last block's input
-    "keep_maps": False,  # also keep the (n, C, H, W) map at the cut point; x is its global average pool
+    "keep_maps": False,  # also keep the (n, C, H, W) map at the cut point; x is its global average pool (implied by cut="block")
     "dtype": "float32",  # storage dtype of x (and of maps, see maps_dtype): "float32" or "float16"
     "maps_dtype": "auto",  # "auto": dtype, but float16 when float32 maps would exceed MAPS_FLOAT16_ABOVE_BYTES
     # backbone
