@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import math
 import multiprocessing
 import os
 import time
@@ -29,6 +30,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from selmix_ray.errors import TrainingError  # noqa: E402
 from selmix_ray.featureset import FeatureSet  # noqa: E402
 from selmix_ray.finetune import FinetuneConfig, Trainer, finetune  # noqa: E402
 
@@ -127,7 +129,12 @@ def run_trial(job: dict) -> dict:
     config = FinetuneConfig.from_dict({"device": "cpu", "seed": job["seed"], **job["overrides"],
                                        "posthoc": "class_weights"})
     start = time.perf_counter()
-    metrics = finetune(features, config).metrics
+    try:
+        metrics = finetune(features, config).metrics
+    except TrainingError as error:  # a diverged trial counts as NaN, the others go on
+        nan = {"val": math.nan, "min_recall": math.nan, "mean_recall": math.nan}
+        print(f"  seed {job['seed']} {job['name']}: diverged ({str(error)[:80]}...)", flush=True)
+        return {**job, "seconds": time.perf_counter() - start, "posthoc": nan, "none": dict(nan)}
     raw_best = metrics[int(np.argmax([m["val/raw/objective"] for m in metrics]))]  # argmax: the first maximum
     last = metrics[-1]
     return {**job, "seconds": time.perf_counter() - start,
