@@ -1,15 +1,21 @@
 """Sweep orchestration costs (issue 5, item 6).
 
-    python benchmarks/bench_sweep.py overhead [--trials 8 --steps 2000]   # (a) Tune+Optuna vs plain processes
+    python benchmarks/bench_sweep.py overhead [--trials 8 --steps 25000 --checkpoint-every 1,auto]  # (a)
     python benchmarks/bench_sweep.py memory [--mb 512]                    # (b) 1, 2, 4 concurrent trials
     python benchmarks/bench_sweep.py driver [--trials 200]                # (c) driver RSS after 50 and N trials
 
 (a) wall time of N trials through search() (Ray Tune + Optuna, worker start-up included, ray.init and
     the driver's baselines excluded) against the same N finetune calls in plain spawned Python processes,
-    at concurrency 1 and 2. Digits features (backbone "identity"); --steps sets a trial's length.
+    at concurrency 1 and 2. Digits features (backbone "identity"); --steps sets a trial's length (25000:
+    ~10 s on an idle core). --checkpoint-every lists the search(checkpoint_every=...) settings to time in
+    the same invocation ("auto": the default); per concurrency the order is the first setting, the plain
+    processes, then the other settings, so that a drift of the machine's load shows.
 (b) peak memory with 1, 2 and 4 concurrent trials (0.5 CPU each) on synthetic features of --mb MB:
     one object-store copy plus, per trial worker, its anonymous memory (RssAnon) above that of a process
-    that has only imported torch and selmix_ray.finetune.
+    that has only imported torch and selmix_ray.finetune. A Ray Tune worker holds ~150 MiB more than that
+    whatever the features (Ray's core worker, ray.tune with pandas and pyarrow): a first sweep on 1 MiB
+    features measures it, and the lines also give each worker's increase above that reference, which is
+    what the features themselves cost.
 (c) driver RSS (VmRSS) after 50 and after --trials tiny trials of one sweep.
 Every number is printed as one line; the machine's load is printed first (other jobs skew timings).
 """
@@ -71,7 +77,7 @@ def _plain_trial(args) -> float:
     return 0.0
 
 
-def overhead(trials: int, steps: int) -> None:
+def overhead(trials: int, steps: int, checkpoint_every: list[int | None]) -> None:
     sweep = importlib.import_module("selmix_ray.search")
     from selmix_ray.space import load_space
 
@@ -84,20 +90,38 @@ def overhead(trials: int, steps: int) -> None:
     _init_ray()
     storage = tempfile.mkdtemp(prefix="bench_sweep_")
     for concurrency in (1, 2):
-        started = time.perf_counter()
-        run = sweep.search(space_dict, features=features, storage=storage, name=f"overhead_c{concurrency}",
-                           num_samples=trials, max_concurrent=concurrency, scheduler="fifo",
-                           resources_per_trial={"cpu": 2 / concurrency if concurrency > 1 else 1})
-        tune_s = time.perf_counter() - started
-        configs = [space.trial_config({k[len("config/"):]: v for k, v in row.items() if k.startswith("config/")})
-                   for row in run.df.to_dict("records")]
-        configs = [{**c, "seed": 0, "device": "cpu"} for c in configs]
-        started = time.perf_counter()
-        with ProcessPoolExecutor(max_workers=concurrency, mp_context=get_context("spawn")) as pool:
-            list(pool.map(_plain_trial, [(c, features.metadata["build_args"]) for c in configs]))
-        plain_s = time.perf_counter() - started
-        print(f"(a) concurrency={concurrency} trials={trials} steps={steps}: tune+optuna {tune_s:.1f} s, "
-              f"plain processes {plain_s:.1f} s, overhead {100 * (tune_s / plain_s - 1):+.1f}%", flush=True)
+        tune_s: dict[str, float] = {}
+        configs = None
+        for every in checkpoint_every:
+            label = "auto" if every is None else str(every)
+            started = time.perf_counter()
+            run = sweep.search(space_dict, features=features, storage=storage,
+                               name=f"overhead_c{concurrency}_every{label}", num_samples=trials,
+                               max_concurrent=concurrency, scheduler="fifo", checkpoint_every=every,
+                               resources_per_trial={"cpu": 2 / concurrency if concurrency > 1 else 1})
+            tune_s[label] = time.perf_counter() - started
+            checkpoints = len(list(Path(storage).glob(f"overhead_c{concurrency}_every{label}/*/checkpoint_*")))
+            print(f"(a) concurrency={concurrency} checkpoint_every={label} ({run.manifest['checkpoint_every']}):"
+                  f" tune+optuna {tune_s[label]:.1f} s, {checkpoints} checkpoints kept", flush=True)
+            if configs is None:  # the same seed gives every setting the same configurations (checked below)
+                configs = _configs(run, space)
+                started = time.perf_counter()
+                with ProcessPoolExecutor(max_workers=concurrency, mp_context=get_context("spawn")) as pool:
+                    list(pool.map(_plain_trial, [(c, features.metadata["build_args"]) for c in configs]))
+                plain_s = time.perf_counter() - started
+                print(f"(a) concurrency={concurrency}: plain processes {plain_s:.1f} s", flush=True)
+            elif sorted(map(repr, _configs(run, space))) != sorted(map(repr, configs)):
+                print("(a) warning: this setting got other configurations than the first", flush=True)
+        for label, seconds in tune_s.items():
+            print(f"(a) concurrency={concurrency} trials={trials} steps={steps} checkpoint_every={label}: "
+                  f"tune+optuna {seconds:.1f} s, plain processes {plain_s:.1f} s, overhead "
+                  f"{100 * (seconds / plain_s - 1):+.1f}%", flush=True)
+
+
+def _configs(run, space) -> list[dict]:
+    configs = [space.trial_config({k[len("config/"):]: v for k, v in row.items() if k.startswith("config/")})
+               for row in run.df.to_dict("records")]
+    return [{**c, "seed": 0, "device": "cpu"} for c in configs]
 
 
 # -- (b) memory ----------------------------------------------------------------------------------------
@@ -147,40 +171,53 @@ def memory(mb: int) -> None:
     sweep = importlib.import_module("selmix_ray.search")
 
     features = _synthetic(mb)
+    tiny = _synthetic(1)
     space_dict = {"objective": "min_recall", "space": {"lr": {"loguniform": [0.3, 3.0]}},
                   "fixed": {"steps": 200, "eval_every": 20}}
     from selmix_ray.space import load_space
 
-    sweep._baselines(features, load_space(space_dict), repeats=1, seed=0)
+    for feature_set in (tiny, features):
+        sweep._baselines(feature_set, load_space(space_dict), repeats=1, seed=0)
     _init_ray(num_cpus=2)
     base = _torch_baseline_kib()
-    print(f"(b) features {features.nbytes / 2**20:.0f} MiB; a torch-only process holds {base / 1024:.0f} MiB "
-          "anonymous", flush=True)
     storage = tempfile.mkdtemp(prefix="bench_sweep_mem_")
+    reference = _worker_peaks(sweep, tiny, space_dict, storage, concurrency=1, name="mem_reference")[0]
+    print(f"(b) features {features.nbytes / 2**20:.0f} MiB; a torch-only process holds {base / 1024:.0f} MiB "
+          f"anonymous; a Ray Tune trial worker on 1 MiB features {reference / 1024:.0f} MiB", flush=True)
     for concurrency in (1, 2, 4):
-        peaks: dict[int, int] = {}
-        stop = threading.Event()
-
-        def sample(peaks=peaks, stop=stop):
-            while not stop.is_set():
-                for pid in _worker_pids():
-                    try:
-                        peaks[pid] = max(peaks.get(pid, 0), _kib("RssAnon", pid))
-                    except OSError:
-                        pass
-                time.sleep(0.2)
-
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
-        sweep.search(space_dict, features=features, storage=storage, name=f"mem_c{concurrency}",
-                     num_samples=concurrency, max_concurrent=concurrency, scheduler="fifo",
-                     resources_per_trial={"cpu": 0.5})
-        stop.set()
-        thread.join()
-        extra = sorted(max(p - base, 0) / 1024 for p in peaks.values())[-concurrency:]
+        peaks = _worker_peaks(sweep, features, space_dict, storage, concurrency=concurrency,
+                              name=f"mem_c{concurrency}")
+        extra = [max(p - base, 0) / 1024 for p in peaks]
+        over_reference = [(p - reference) / 1024 for p in peaks]
         total = features.nbytes / 2**20 + sum(extra)
         print(f"(b) concurrent={concurrency}: per-worker anon increase {[round(e) for e in extra]} MiB; "
-              f"total {total:.0f} MiB = {total / (features.nbytes / 2**20):.2f}x the feature bytes", flush=True)
+              f"total {total:.0f} MiB = {total / (features.nbytes / 2**20):.2f}x the feature bytes; above a "
+              f"worker on 1 MiB features: {[round(e) for e in over_reference]} MiB, total "
+              f"{(features.nbytes / 2**20 + sum(max(e, 0) for e in over_reference)) / (features.nbytes / 2**20):.2f}x",
+              flush=True)
+
+
+def _worker_peaks(sweep, features, space_dict, storage, *, concurrency: int, name: str) -> list[int]:
+    """Peak RssAnon (KiB) of the ``concurrency`` busiest trial workers during a ``concurrency``-trial sweep."""
+    peaks: dict[int, int] = {}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            for pid in _worker_pids():
+                try:
+                    peaks[pid] = max(peaks.get(pid, 0), _kib("RssAnon", pid))
+                except OSError:
+                    pass
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    sweep.search(space_dict, features=features, storage=storage, name=name, num_samples=concurrency,
+                 max_concurrent=concurrency, scheduler="fifo", resources_per_trial={"cpu": 0.5})
+    stop.set()
+    thread.join()
+    return sorted(peaks.values())[-concurrency:]
 
 
 # -- (c) driver RSS ------------------------------------------------------------------------------------
@@ -223,12 +260,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["overhead", "memory", "driver"])
     parser.add_argument("--trials", type=int, default=None, help="trials (a: 8, c: 200)")
-    parser.add_argument("--steps", type=int, default=2000, help="(a) steps per trial (a multiple of 10)")
+    parser.add_argument("--steps", type=int, default=25000, help="(a) steps per trial (a multiple of 10)")
+    parser.add_argument("--checkpoint-every", default="1,auto",
+                        help="(a) comma-separated checkpoint_every settings to compare; auto = the default")
     parser.add_argument("--mb", type=int, default=512, help="(b) synthetic feature megabytes")
     args = parser.parse_args()
     print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs", flush=True)
     if args.what == "overhead":
-        overhead(args.trials or 8, args.steps)
+        settings = [None if v.strip() == "auto" else int(v) for v in args.checkpoint_every.split(",")]
+        overhead(args.trials or 8, args.steps, settings)
     elif args.what == "memory":
         memory(args.mb)
     else:

@@ -14,10 +14,19 @@ and adds what plain Ray Tune lacks:
   ``resume`` (Tune restores trials and the searcher, not the scheduler);
 - on resume, Optuna trials asked after the last snapshot (RUNNING in the journal, unknown to Tune) are
   marked FAIL, so none stays RUNNING and the study ends with exactly ``num_samples`` COMPLETE + PRUNED;
+  the folders such trials left (Tune never resumes them) are removed, so ``results`` sees exactly the
+  ``num_samples`` Tune trials;
 - the baselines (starting head, erm, uniform mixup, post-hoc corrections of the starting head) are
   computed on the driver before any trial, cached per feature key, and written to ``baselines.json``;
-- ``selmix_run.json`` records the space, objective(s), feature key and build arguments, repeats, seed and
-  versions; ``resume`` refuses a space that differs from it.
+- ``selmix_run.json`` records the space, objective(s), feature key and build arguments, the per-class
+  training counts, repeats, seed and versions; ``resume`` refuses a space that differs from it;
+- trials checkpoint at step 0, every ``checkpoint_every``-th report, at ASHA's rungs and at the end (not at
+  every report): a checkpoint holds the whole history, so checkpointing every report would write
+  O(reports^2) bytes per trial and make Tune force an experiment snapshot every ``CHECKPOINTS_KEPT``
+  checkpoints of a trial. A retried trial replays the few reports after its last checkpoint (same values);
+- a Ray that ``search``/``resume`` initialised themselves is shut down when they return (a local one
+  stops; a cluster reached through ``address`` is only disconnected); one the caller initialised is left
+  as it is.
 
 Storage may be a local or NFS path (a relative one is made absolute) or a pyarrow URI (``s3://``,
 ``gs://``, ``file://``). With a URI, the Optuna journal (which needs a POSIX file) lives on the driver's
@@ -60,10 +69,12 @@ SCHEDULERS = ("asha", "fifo")  # asha: early stopping on "step"; fifo: every tri
 SAMPLERS = ("tpe", "nsga2", "random")  # tpe (default; NSGA-II when multi-objective), nsga2, random
 MANIFEST_FORMAT = 1
 MAX_FAILURES = 3  # retries of a failing trial, each from its last checkpoint
-CHECKPOINTS_KEPT = 4  # per trial; the newest is what a retry resumes from
+CHECKPOINTS_KEPT = 4  # per trial; the newest is what a retry resumes from (Tune forces an experiment
+#                       snapshot each time a trial has written this many checkpoints since the last one)
+CHECKPOINTS_PER_TRIAL = 10  # default checkpoint_every: about this many regular checkpoints per trial
 ASHA_REDUCTION_FACTOR = 3
 ASHA_GRACE_FRACTION = 1 / 9  # grace period ~ steps / 9, rounded up to a multiple of eval_every
-BASELINE_FORMAT = 1
+BASELINE_FORMAT = 2  # 2: each baseline also holds its val/test confusion counts at the best report
 
 
 # -- public API ----------------------------------------------------------------------------------------
@@ -83,6 +94,7 @@ def search(
     repeats: int = 1,
     seed: int = 0,
     address: str | None = None,
+    checkpoint_every: int | None = None,
 ):
     """Run a sweep of ``num_samples`` trials and return its ``results.Run``.
 
@@ -99,13 +111,17 @@ def search(
         repeats: seeds per configuration, trained in lockstep; trials report the mean (SPEC.md section 7).
         seed: seeds the sampler and the trials (copies use seed ... seed + repeats - 1).
         address: Ray cluster address (``"auto"``, ``"ray://..."``, ``host:port``) when Ray is not already
-            initialised; default: start a local one.
+            initialised; default: start a local one. A Ray that search() started is shut down at the end.
+        checkpoint_every: a trial checkpoints every this many reports (and always at step 0, at ASHA's
+            rungs and at its last step); default: ceil(reports / 10), about 10 checkpoints per trial.
+            1 checkpoints every report (a retry then replays nothing, but each report writes the
+            whole history). Kept in the manifest, so ``resume`` uses the same.
     """
     _check_features(features)
     search_space = _load_space_checked(space, features)
     _check_search_options(num_samples=num_samples, max_concurrent=max_concurrent,
                           resources_per_trial=resources_per_trial, scheduler=scheduler, sampler=sampler,
-                          repeats=repeats, seed=seed, name=name)
+                          repeats=repeats, seed=seed, name=name, checkpoint_every=checkpoint_every)
     location = _Location(storage, name)
     if location.exists(""):
         raise ExperimentError(
@@ -116,21 +132,25 @@ def search(
 
     manifest = _manifest(search_space, features, name=name, num_samples=num_samples,
                          max_concurrent=max_concurrent, resources_per_trial=resources_per_trial,
-                         scheduler=scheduler, sampler=sampler, repeats=repeats, seed=seed, location=location)
+                         scheduler=scheduler, sampler=sampler, repeats=repeats, seed=seed, location=location,
+                         checkpoint_every=checkpoint_every)
     location.write_bytes(MANIFEST_FILE, _json_bytes(manifest))
     _log(f"experiment {location.path}")
 
     baselines = _baselines(features, search_space, repeats=repeats, seed=seed)
     location.write_bytes(BASELINES_FILE, _json_bytes(baselines))
 
-    _init_ray(address)
-    from ray import tune
+    started_ray = _init_ray(address)
+    try:
+        from ray import tune
 
-    journal = _local_journal(location)
-    tune_config, run_config = _tuner_configs(search_space, manifest, location, journal)
-    tuner = tune.Tuner(_trainable(features, search_space, manifest, location), tune_config=tune_config,
-                       run_config=run_config)
-    _fit(tuner, location, journal)
+        journal = _local_journal(location)
+        tune_config, run_config = _tuner_configs(search_space, manifest, location, journal)
+        tuner = tune.Tuner(_trainable(features, search_space, manifest, location), tune_config=tune_config,
+                           run_config=run_config)
+        _fit(tuner, location, journal)
+    finally:
+        _shutdown_ray(started_ray)
     return _load_run(location)
 
 
@@ -161,20 +181,24 @@ def resume(path: str | os.PathLike, *, features=None, address: str | None = None
             f"features given have key {features.key!r}. Pass the same features, or none to rebuild them."
         )
 
-    _init_ray(address)
     from ray import tune
 
-    journal = _local_journal(location, restore=True)
-    trainable = _trainable(features, stored_space, manifest, location)
     if not tune.Tuner.can_restore(location.path):
         raise ExperimentError(
             f"Cannot resume {location.path}: Ray Tune saved no experiment state there yet (the sweep was "
             "stopped before its first snapshot). Start it again with search() under a new name."
         )
-    tuner = tune.Tuner.restore(location.path, trainable=trainable, resume_unfinished=True,
-                               resume_errored=True)
-    _log(f"resuming {location.path}")
-    _fit(tuner, location, journal)
+    started_ray = _init_ray(address)
+    try:
+        journal = _local_journal(location, restore=True)
+        _remove_orphan_trial_folders(location)
+        trainable = _trainable(features, stored_space, manifest, location)
+        tuner = tune.Tuner.restore(location.path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+        _log(f"resuming {location.path}")
+        _fit(tuner, location, journal)
+    finally:
+        _shutdown_ray(started_ray)
     return _load_run(location)
 
 
@@ -190,7 +214,7 @@ def _load_space_checked(space, features):
 
 
 def _check_search_options(*, num_samples, max_concurrent, resources_per_trial, scheduler, sampler, repeats,
-                          seed, name) -> None:
+                          seed, name, checkpoint_every=None) -> None:
     problems = []
 
     def positive_int(label, value, *, optional=False):
@@ -202,6 +226,7 @@ def _check_search_options(*, num_samples, max_concurrent, resources_per_trial, s
     positive_int("num_samples", num_samples)
     positive_int("max_concurrent", max_concurrent, optional=True)
     positive_int("repeats", repeats)
+    positive_int("checkpoint_every", checkpoint_every, optional=True)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         problems.append(f"seed must be an integer >= 0, but got {seed=!r}.")
     if scheduler not in SCHEDULERS:
@@ -261,9 +286,11 @@ def _metric_keys(search_space) -> list[str]:
 
 
 def _manifest(search_space, features, *, name, num_samples, max_concurrent, resources_per_trial, scheduler,
-              sampler, repeats, seed, location) -> dict[str, Any]:
+              sampler, repeats, seed, location, checkpoint_every=None) -> dict[str, Any]:
     steps, eval_every = _sweep_steps(search_space)
     multi = search_space.is_multi_objective
+    if checkpoint_every is None:
+        checkpoint_every = max(1, math.ceil(steps // max(eval_every, 1) / CHECKPOINTS_PER_TRIAL))
     return {
         "format": MANIFEST_FORMAT,
         "name": name,
@@ -275,6 +302,7 @@ def _manifest(search_space, features, *, name, num_samples, max_concurrent, reso
         "feature_build_args": features.metadata.get("build_args"),
         "feature_nbytes": features.nbytes,
         "n_classes": features.n_classes,
+        "train_counts": [int(count) for count in features.train_counts.tolist()],
         "repeats": repeats,
         "seed": seed,
         "num_samples": num_samples,
@@ -284,6 +312,7 @@ def _manifest(search_space, features, *, name, num_samples, max_concurrent, reso
         "sampler": "nsga2" if multi and sampler == "tpe" else sampler,
         "steps": steps,
         "eval_every": eval_every,
+        "checkpoint_every": checkpoint_every,
         "storage": location.storage,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
@@ -378,7 +407,9 @@ def _baselines(features, search_space, *, repeats: int, seed: int) -> dict[str, 
         out["baselines"][name] = {
             "config": config.to_dict(),
             "metrics": reports[-1],
+            "n_classes": features.n_classes,
             "per_class_recall": _per_class_recall(histories),
+            **_best_counts(histories),
             "seconds": round(time.perf_counter() - started, 3),
         }
         _log(f"baseline {name:<20s} {SCORE_KEY}={reports[-1][SCORE_KEY]:.4f} "
@@ -407,6 +438,25 @@ def _per_class_recall(histories) -> dict[str, list[float]]:
     return out
 
 
+def _best_counts(histories) -> dict[str, dict[str, list]]:
+    """{"val": {"counts": ...}, "test": {"counts": ...}}: sparse [row, col, count] confusion entries at the
+    best report (rows = true class), as History stores them; with several copies, summed over the copies
+    (each at its own best report), so a re-ranking scores the pooled predictions."""
+    import numpy as np
+
+    out = {}
+    for split in ("val", "test"):
+        dense = sum(history.confusion(_best_index(history), split) for history in histories)
+        rows, cols = np.nonzero(dense)
+        out[split] = {"counts": [[int(r), int(c), _count(dense[r, c])] for r, c in zip(rows, cols)]}
+    return out
+
+
+def _count(value: float) -> int | float:
+    """A confusion count as History writes it: an int, or a float when cross-fitting made it fractional."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
 def _best_index(history) -> int:
     steps = [record["step"] for record in history.records]
     if history.best_step is not None and history.best_step in steps:
@@ -423,16 +473,29 @@ def _baseline_cache_dir() -> Path:
 # -- Ray Tune ------------------------------------------------------------------------------------------
 
 
-def _init_ray(address: str | None) -> None:
-    """Reuse an initialised Ray; else connect to ``address`` or start a quiet local one."""
+def _init_ray(address: str | None) -> bool:
+    """Reuse an initialised Ray; else connect to ``address`` or start a quiet local one.
+
+    Returns True when this call initialised Ray (then :func:`_shutdown_ray` ends it), False when the
+    caller had already done so (then it stays as it is).
+    """
     import logging
 
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING, configure_logging=True)
+    return True
+
+
+def _shutdown_ray(started: bool) -> None:
+    """Disconnect from (and, for a local one, stop) a Ray that search()/resume() initialised themselves."""
+    if started:
+        import ray
+
+        ray.shutdown()
 
 
 def _trainable(features, search_space, manifest, location):
@@ -441,7 +504,11 @@ def _trainable(features, search_space, manifest, location):
     from .trainable import run_trial, trial_settings
 
     fault_dir = location.local_path or os.path.join(tempfile.gettempdir(), f"selmix_{location.name}")
+    rungs = ()
+    if manifest["scheduler"] == "asha":
+        rungs = _asha_rungs(steps=manifest["steps"], eval_every=manifest["eval_every"])
     settings = trial_settings(search_space.to_dict(), repeats=manifest["repeats"], seed=manifest["seed"],
+                              checkpoint_every=manifest.get("checkpoint_every", 1), checkpoint_steps=rungs,
                               fault_dir=fault_dir)
     resources = dict(manifest["resources_per_trial"])
     trainable = tune.with_parameters(run_trial, features=features.to_object_store(), settings=settings)
@@ -499,10 +566,64 @@ def _tuner_configs(search_space, manifest, location, journal: Path):
 def _asha(*, metric: str, steps: int, eval_every: int):
     from ray.tune.schedulers import ASHAScheduler
 
+    return ASHAScheduler(time_attr=STEP_KEY, metric=metric, mode="max", max_t=max(steps, 1),
+                         grace_period=_asha_grace(steps=steps, eval_every=eval_every),
+                         reduction_factor=ASHA_REDUCTION_FACTOR)
+
+
+def _asha_grace(*, steps: int, eval_every: int) -> int:
+    """ASHA's grace period in steps: ~ steps / 9, a multiple of eval_every (so every rung is a report)."""
     reports = max(steps // eval_every, 1)
     grace = eval_every * max(1, math.ceil(reports * ASHA_GRACE_FRACTION))
-    return ASHAScheduler(time_attr=STEP_KEY, metric=metric, mode="max", max_t=max(steps, 1),
-                         grace_period=min(grace, max(steps, 1)), reduction_factor=ASHA_REDUCTION_FACTOR)
+    return min(grace, max(steps, 1))
+
+
+def _asha_rungs(*, steps: int, eval_every: int) -> list[int]:
+    """The steps where ASHA may stop a trial: grace * 3^k up to ``steps`` (each is a report's step)."""
+    grace, rungs = _asha_grace(steps=steps, eval_every=eval_every), []
+    while grace <= steps:
+        rungs.append(grace)
+        grace *= ASHA_REDUCTION_FACTOR
+    return rungs
+
+
+def _remove_orphan_trial_folders(location) -> list[str]:
+    """Delete trial folders that the newest experiment snapshot does not list; returns their names.
+
+    A driver killed after starting a trial but before the next snapshot leaves that trial's folder
+    (params.json, maybe results and checkpoints); Tune does not know the trial and never continues it.
+    Nothing is deleted when no snapshot can be read.
+    """
+    names = _listdir(location)
+    snapshots = sorted(n for n in names if n.startswith("experiment_state-") and n.endswith(".json"))
+    if not snapshots:
+        return []
+    try:
+        state = json.loads(location.read_bytes(snapshots[-1]))
+        known = {json.loads(trial_json)["relative_logdir"] for trial_json, _ in state["trial_data"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    orphans = [n for n in names if n not in known and location.exists(f"{n}/params.json")]
+    for name in orphans:
+        if location.fs is None:
+            import shutil
+
+            shutil.rmtree(os.path.join(location.path, name), ignore_errors=True)
+        else:
+            location.fs.delete_dir(location._fs_path(name))
+    if orphans:
+        _log(f"removed {len(orphans)} trial folder(s) started after the last snapshot: {', '.join(orphans)}")
+    return orphans
+
+
+def _listdir(location) -> list[str]:
+    """Names directly inside the experiment folder."""
+    if location.fs is None:
+        return sorted(os.listdir(location.path))
+    import pyarrow.fs
+
+    infos = location.fs.get_file_info(pyarrow.fs.FileSelector(location._fs_path("")))
+    return sorted(info.base_name for info in infos)
 
 
 def _fit(tuner, location, journal: Path) -> None:

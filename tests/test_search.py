@@ -266,3 +266,116 @@ def test_sigkilled_driver_resumes_to_exactly_num_samples(ray_cluster, digits, ca
         assert _results(after[trial_id])[-1][SCORE_KEY] == score
     rungs_after = _rungs(experiment / SCHEDULER_STATE_FILE)
     assert {key: rungs_after.get(key) for key in rungs_before} == rungs_before
+
+
+# -- repeats and multi-objective through real (tiny) sweeps; Ray's ownership -------------------------------
+
+
+@pytest.mark.slow
+def test_repeats_sweep_checkpoints_every_copy_and_results_load_it(ray_cluster, digits, tmp_path):
+    import numpy as np
+    import ray
+
+    from selmix_ray.constants import BASELINES_FILE, HISTORY_FILE
+    from selmix_ray.metrics import confusion_counts
+    from selmix_ray.search import search
+
+    space = {"objective": "min_recall", "space": {"lr": {"loguniform": [0.1, 10.0]}},
+             "fixed": {"steps": 20, "eval_every": 10}}
+    run = search(space, features=digits, storage=tmp_path, name="rep", num_samples=2, max_concurrent=2,
+                 scheduler="fifo", repeats=2, seed=4)
+    assert ray.is_initialized()  # the caller's Ray (the session's cluster) is left running
+    experiment = tmp_path / "rep"
+    manifest = json.loads((experiment / MANIFEST_FILE).read_text())
+    assert manifest["repeats"] == 2 and manifest["train_counts"] == digits.train_counts.tolist()
+
+    assert len(run.df) == 2 and set(run.df["status"]) == {"complete"}
+    for trial_id, folder in _trial_dirs(experiment).items():
+        newest = sorted(folder.glob("checkpoint_*"))[-1]
+        assert sorted(p.name for p in newest.iterdir()) == [
+            "finetune_state_0.pt", "finetune_state_1.pt", HISTORY_FILE]
+        copies = json.loads((newest / HISTORY_FILE).read_text())
+        assert [[r["step"] for r in c["records"]] for c in copies] == [[0, 10, 20]] * 2
+        assert [c["meta"]["config"]["seed"] for c in copies] == [4, 5]
+        history = run.history(trial_id)  # results read both copies
+        assert len(history.copies) == 2 and history.steps == [0, 10, 20]
+        reported = _results(folder)[-1][SCORE_KEY]  # the mean of the copies' scores
+        assert reported == pytest.approx(np.mean([c["records"][-1]["metrics"][SCORE_KEY] for c in copies]))
+
+    # Baselines carry their confusion counts at the best report, summed over the copies: the starting
+    # head (steps = 0) is the same in both copies, so they are twice its own validation confusion.
+    start = json.loads((experiment / BASELINES_FILE).read_text())["baselines"]["start"]
+    predictions = np.argmax(digits.val.x @ digits.weight.T + digits.bias, axis=1)
+    expected = 2 * confusion_counts(digits.val.y, predictions, digits.n_classes)
+    stored = np.zeros_like(expected, dtype=float)
+    for row, col, count in start["val"]["counts"]:
+        stored[row, col] = count
+    np.testing.assert_array_equal(stored, expected)
+    assert sum(count for _, _, count in start["test"]["counts"]) == 2 * len(digits.test.y)
+
+
+@pytest.mark.slow
+def test_multi_objective_sweep_ends_with_complete_trials_holding_both_values(ray_cluster, digits, tmp_path):
+    from selmix_ray.search import search
+
+    space = {"objectives": ["min_recall", "mean_recall"],
+             "space": {"lr": {"loguniform": [0.1, 10.0]}, "refresh_every": {"int": [2, 20]}},
+             "fixed": {"steps": 20, "eval_every": 10}}
+    run = search(space, features=digits, storage=tmp_path, name="multi", num_samples=3, max_concurrent=2,
+                 seed=2)
+    manifest = json.loads((tmp_path / "multi" / MANIFEST_FILE).read_text())
+    assert manifest["scheduler"] == "none" and manifest["sampler"] == "nsga2"
+    study = _study(tmp_path / "multi" / JOURNAL_FILE, "multi")
+    assert len(study.directions) == 2
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+    reported = sorted([final[SCORE_KEY], final["val/mean_recall"]]
+                      for final in (_results(folder)[-1] for folder in _trial_dirs(tmp_path / "multi").values()))
+    for values, expected in zip(sorted(trial.values for trial in study.trials), reported):
+        assert values == pytest.approx(expected, abs=1e-12)
+    assert len(run.df) == 3
+
+
+def test_a_ray_that_search_started_is_shut_down_and_the_callers_is_not(monkeypatch):
+    import importlib
+
+    import ray
+
+    sweep = importlib.import_module("selmix_ray.search")
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(("init", kwargs["address"])))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append(("shutdown",)))
+    started = sweep._init_ray("auto")
+    sweep._shutdown_ray(started)
+    assert calls == [("init", "auto"), ("shutdown",)]
+
+    calls.clear()
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    sweep._shutdown_ray(sweep._init_ray(None))
+    assert calls == []
+
+
+def test_resume_removes_trial_folders_the_last_snapshot_does_not_list(tmp_path):
+    import importlib
+
+    sweep = importlib.import_module("selmix_ray.search")
+
+    experiment = tmp_path / "exp"
+    for name in ("run_trial_known_1", "run_trial_orphan_2"):
+        (experiment / name).mkdir(parents=True)
+        (experiment / name / "params.json").write_text("{}")
+    (experiment / "not_a_trial").mkdir()
+    trial = json.dumps({"trial_id": "known", "relative_logdir": "run_trial_known_1"})
+    (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text(
+        json.dumps({"trial_data": [[json.dumps({"relative_logdir": "gone"}), {}]]}))
+    (experiment / "experiment_state-2026-01-01_00-00-10.json").write_text(
+        json.dumps({"trial_data": [[trial, {}]]}))  # the newest snapshot is the one Tune restores
+    for storage in (str(experiment), f"file://{experiment}"):
+        sweep._remove_orphan_trial_folders(sweep._Location.of_experiment(storage))
+        assert sorted(p.name for p in experiment.iterdir() if p.is_dir()) == ["not_a_trial", "run_trial_known_1"]
+        (experiment / "run_trial_orphan_2").mkdir()
+        (experiment / "run_trial_orphan_2" / "params.json").write_text("{}")
+    (experiment / "experiment_state-2026-01-01_00-00-10.json").write_text('{"trial_data": [')  # half-written
+    assert sweep._remove_orphan_trial_folders(sweep._Location.of_experiment(experiment)) == []
+    assert (experiment / "run_trial_orphan_2").is_dir()
