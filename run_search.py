@@ -104,6 +104,10 @@ def _add_feature_options(p: argparse.ArgumentParser) -> None:
                                        "~/.cache/selmix-ray)")
     p.add_argument("--keep-maps", action="store_true", help="cache spatial maps too (needed by cutmix and "
                                                             "puzzlemix)")
+    p.add_argument("--cut", default="penultimate", choices=["penultimate", "block"],
+                   help="penultimate: trials train the head on cached features; block: cache the map entering "
+                        "the backbone's last block and train that block with the head (top-block mode, about "
+                        "80x slower per step than head-only; implies --keep-maps) (default penultimate)")
 
 
 def _add_sweep_options(p: argparse.ArgumentParser, *, num_samples: int) -> None:
@@ -127,6 +131,9 @@ def _add_sweep_options(p: argparse.ArgumentParser, *, num_samples: int) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler, trials and features (default 0)")
     p.add_argument("--address", help="Ray cluster address ('auto', 'host:port', 'ray://...'); "
                                      "default: start a local Ray")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="checkpoint every N-th report as well as at ASHA's rungs and the end; a retried trial "
+                        "replays at most N-1 reports (default: about 10 checkpoints per trial)")
     p.add_argument("--plots", metavar="DIR", help="where to write plots (default: <experiment>/plots)")
 
 
@@ -210,6 +217,8 @@ def _build_features(args):
             opts[name] = getattr(args, name)
     if getattr(args, "keep_maps", False):
         opts["keep_maps"] = True
+    if getattr(args, "cut", "penultimate") != "penultimate":
+        opts["cut"] = args.cut
     started = time.perf_counter()
     print(f"[run_search] features: {args.dataset}, rho={args.rho:g}, backbone={args.backbone} ...", flush=True)
     features = build_features(args.dataset, rho=args.rho, backbone=args.backbone, cache_dir=args.cache_dir,
@@ -238,7 +247,7 @@ def cmd_search(args, *, space_path: str | None = None, overrides: list[str] | No
         run = search(space, features=features, storage=args.storage, name=name, num_samples=args.num_samples,
                      max_concurrent=args.max_concurrent, resources_per_trial=resources,
                      scheduler=args.scheduler, sampler=args.sampler, repeats=args.repeats, seed=args.seed,
-                     address=args.address)
+                     address=args.address, checkpoint_every=args.checkpoint_every)
     except KeyboardInterrupt:
         _print_interrupted(experiment)
         return 130

@@ -24,9 +24,11 @@ class Split:
     """One split of cached features.
 
     Attributes:
-        x: (n, d) float32 or float16 features (the global average pool of ``maps`` when maps are kept).
+        x: (n, d) float32 or float16 penultimate features (with ``keep_maps=True`` the global average pool of
+            ``maps``; with ``cut="block"`` the pool of the last block's output at its initial weights).
         y: (n,) int64 labels; -1 for every sample of the unlabeled pool.
-        maps: optional (n, C, H, W) spatial maps at the cut point (``keep_maps=True``).
+        maps: optional (n, C, H, W) spatial maps at the cut point (``keep_maps=True``: the final map;
+            ``cut="block"``: the map entering the last block).
     """
 
     x: np.ndarray

@@ -381,6 +381,7 @@ class FinetuneState:
 # -- the loop ----------------------------------------------------------------------------------------
 
 EVAL_CHUNK = 8192  # rows per evaluation chunk (bounds the (chunk, K) logits in memory)
+NORM_CHUNK = 1024  # rows per chunk of the feature-norm mean behind lr_scale='feature_norm'
 BLOCK_BYTES = 32 * 2**20  # at most this much pre-drawn, mixed training data at a time
 TOP_BLOCK_EVAL_BYTES = 64 * 2**20  # top-block mode: at most this much float32 input map per evaluation chunk
 
@@ -948,10 +949,15 @@ def _predict(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> np.nd
 
 
 def _mean_squared_norm(x: torch.Tensor) -> float:
-    """mean ||z||^2 over the rows of x (float64, by chunks)."""
+    """mean ||z||^2 over the rows of x: float32 per row, summed in float64 by chunks of NORM_CHUNK rows.
+
+    Small chunks keep the transient float32 copy to a few MiB even for (n, C, H, W) maps; squaring in
+    float64 (as this used to) cost a worker ~50 MiB of anonymous memory that it kept afterwards.
+    """
     total = 0.0
-    for s in range(0, x.shape[0], EVAL_CHUNK):
-        total += float((x[s:s + EVAL_CHUNK].double() ** 2).sum())
+    for s in range(0, x.shape[0], NORM_CHUNK):
+        chunk = x[s:s + NORM_CHUNK].float().reshape(min(NORM_CHUNK, x.shape[0] - s), -1)
+        total += float(torch.linalg.vector_norm(chunk, dim=1).double().square().sum())
     mean = total / max(x.shape[0], 1)
     if not mean > 0 or not math.isfinite(mean):
         raise DataError(

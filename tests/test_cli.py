@@ -79,7 +79,7 @@ def test_help_explains_every_option():
                           text=True, timeout=120)
     assert done.returncode == 0
     for option in ("--dataset", "--rho", "--backbone", "--num-samples", "--name", "--storage", "--max-concurrent",
-                   "--repeats", "--seed", "--address", "key=value"):
+                   "--repeats", "--seed", "--address", "--cut", "--checkpoint-every", "key=value"):
         assert option in done.stdout
 
 
@@ -100,6 +100,16 @@ def test_validate_starts_no_ray_and_main_sets_quiet_env():
     assert rc == 0 and not ray_loaded and not optuna_loaded
     assert all(v is None for v in before.values())  # importing run_search set nothing
     assert after == run_search.QUIET_RAY_ENV
+
+
+def test_cut_reaches_feature_building(tmp_path, capsys):
+    """--cut block is handed to build_features, which refuses it for a backbone without a last block."""
+    space = str(REPO / "search_spaces" / "min_recall_block.yaml")
+    rc = run_search.main(["search", space, "--dataset", "digits", "--backbone", "identity", "--cut", "block",
+                          "--cache-dir", str(tmp_path / "cache"), "--storage", str(tmp_path / "results")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "cut='block' needs a backbone with a last block" in err and "Traceback" not in err
+    assert not (tmp_path / "results").exists()  # refused before any sweep started
 
 
 def test_compare_on_a_foreign_directory_is_one_clear_error(tmp_path, capsys):

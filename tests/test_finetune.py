@@ -334,3 +334,14 @@ def test_cross_fitted_posthoc_scores_are_not_above_in_sample_scores_on_average()
         counts = confusion_counts(labels, correction.apply(logits).argmax(axis=1), features.n_classes)
         in_sample.append(trainer.scorer.value(counts / counts.sum()))
     assert np.mean(cross_fitted) <= np.mean(in_sample), (cross_fitted, in_sample)
+
+
+def test_mean_squared_norm_matches_numpy_on_features_and_maps():
+    """The lr_scale='feature_norm' denominator, chunked in float32, against a float64 numpy reference."""
+    from selmix_ray.finetune import NORM_CHUNK, _mean_squared_norm
+
+    rng = np.random.default_rng(0)
+    for shape in [(2 * NORM_CHUNK + 7, 16), (NORM_CHUNK + 3, 3, 4, 4), (5, 8)]:
+        x = (rng.normal(size=shape) * 7).astype(np.float16)
+        expected = float((x.astype(np.float64).reshape(shape[0], -1) ** 2).sum(axis=1).mean())
+        assert _mean_squared_norm(torch.from_numpy(x)) == pytest.approx(expected, rel=1e-5)
