@@ -44,10 +44,12 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from optuna.samplers import NSGAIISampler
 from optuna.trial import TrialState
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
@@ -74,6 +76,7 @@ CHECKPOINTS_KEPT = 4  # per trial; the newest is what a retry resumes from (Tune
 CHECKPOINTS_PER_TRIAL = 10  # default checkpoint_every: about this many regular checkpoints per trial
 ASHA_REDUCTION_FACTOR = 3
 ASHA_GRACE_FRACTION = 1 / 9  # grace period ~ steps / 9, rounded up to a multiple of eval_every
+_LOCK_TYPE = type(threading.Lock())
 BASELINE_FORMAT = 2  # 2: each baseline also holds its val/test confusion counts at the best report
 
 
@@ -527,7 +530,7 @@ def _tuner_configs(search_space, manifest, location, journal: Path):
     multi = len(metrics) > 1
     sampler = {
         "tpe": lambda: optuna.samplers.TPESampler(seed=manifest["seed"]),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=manifest["seed"]),
+        "nsga2": lambda: PicklableNSGAIISampler(seed=manifest["seed"]),
         "random": lambda: optuna.samplers.RandomSampler(seed=manifest["seed"]),
     }[manifest["sampler"]]()
     searcher = StudySearch(
@@ -694,6 +697,21 @@ def _tell(study, trial, **kwargs) -> bool:
         return True
     except (ValueError, RuntimeError):
         return False
+
+
+class PicklableNSGAIISampler(NSGAIISampler):
+    """Optuna's NSGAIISampler, made picklable (Tune pickles the searcher into the experiment state).
+
+    Optuna 5.1's NSGAIISampler holds a ``threading.Lock`` (``_thread_lock``) that pickle refuses; this
+    subclass leaves the lock out of its state and gives a restored sampler a fresh one.
+    """
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if not isinstance(v, _LOCK_TYPE)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
 
 
 class StudySearch(OptunaSearch):

@@ -379,3 +379,26 @@ def test_resume_removes_trial_folders_the_last_snapshot_does_not_list(tmp_path):
     (experiment / "experiment_state-2026-01-01_00-00-10.json").write_text('{"trial_data": [')  # half-written
     assert sweep._remove_orphan_trial_folders(sweep._Location.of_experiment(experiment)) == []
     assert (experiment / "run_trial_orphan_2").is_dir()
+
+
+def test_nsga2_sampler_pickles_and_keeps_sampling_after_a_round_trip():
+    """Tune pickles the searcher into its experiment state; Optuna 5.1's NSGAIISampler holds a lock."""
+    import pickle
+
+    import optuna
+
+    from selmix_ray.search import PicklableNSGAIISampler
+
+    def objective(trial):
+        return trial.suggest_float("x", 0, 1), trial.suggest_float("y", 0, 1)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = PicklableNSGAIISampler(seed=0)
+    study = optuna.create_study(directions=["maximize", "maximize"], sampler=sampler)
+    study.optimize(objective, n_trials=5)
+    restored = pickle.loads(pickle.dumps(sampler))
+    assert restored._thread_lock is not sampler._thread_lock and restored._thread_lock.acquire(blocking=False)
+    restored._thread_lock.release()
+    study.sampler = restored
+    study.optimize(objective, n_trials=5)
+    assert len(study.trials) == 10 and all(t.state.name == "COMPLETE" for t in study.trials)
