@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """selmix-ray command line: a thin layer over the Python API (search, resume, compare, validate).
 
-    python run_search.py                        # the default demo: MNIST-LT (rho=100), ~24 trials, ~5 min
+    python run_search.py                        # the default demo: MNIST-LT (rho=100), 24 trials, 1-4 min
     python run_search.py search search_spaces/min_recall.yaml --dataset mnist --rho 100 --num-samples 24
     python run_search.py search search_spaces/gmean.yaml steps=1000 lr='{loguniform: [0.3, 3]}'
     python run_search.py resume results/min_recall-20250101-120000
