@@ -106,8 +106,8 @@ def _add_feature_options(p: argparse.ArgumentParser) -> None:
                                                             "puzzlemix)")
     p.add_argument("--cut", default="penultimate", choices=["penultimate", "block"],
                    help="penultimate: trials train the head on cached features; block: cache the map entering "
-                        "the backbone's last block and train that block with the head (top-block mode, about "
-                        "80x slower per step than head-only; implies --keep-maps) (default penultimate)")
+                        "the backbone's last block and train that block with the head (top-block mode, ~100x "
+                        "the head-only cost per step; implies --keep-maps) (default penultimate)")
 
 
 def _add_sweep_options(p: argparse.ArgumentParser, *, num_samples: int) -> None:
