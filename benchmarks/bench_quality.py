@@ -2,6 +2,7 @@
 
     python benchmarks/bench_quality.py --seeds 0-9 --num-samples 60       # the full table (hours on 2 cores)
     python benchmarks/bench_quality.py --seeds 0-2 --num-samples 16       # a small version
+    python benchmarks/bench_quality.py --seeds 0-9 --num-samples 20 --repeats 3   # same compute, less noise
 
 For every seed: build mnist rho=100 features with the default CNN (seeded split and backbone), run one
 min_recall sweep of ``--num-samples`` trials (search_spaces/min_recall.yaml: method, s, refresh_every, lr,
@@ -59,6 +60,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0-9", help="feature/split seeds, e.g. 0-9 or 0,3,5")
     parser.add_argument("--num-samples", type=int, default=60, help="trials per sweep")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="seeds trained per configuration, scored by their mean (search(repeats=...)); "
+                             "compare --num-samples 60 with --num-samples 20 --repeats 3 at equal compute")
     parser.add_argument("--space", default=str(ROOT / "search_spaces" / "min_recall.yaml"))
     parser.add_argument("--storage", default=None, help="experiments folder (default: a temporary one)")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: the library's)")
@@ -80,7 +84,7 @@ def main() -> None:
     for seed in seeds:
         features = build_features("mnist", rho=100, seed=seed, cache_dir=args.cache_dir, progress=False)
         run = search(args.space, features=features, storage=storage, name=f"quality-seed{seed}-{int(time.time())}",
-                     num_samples=args.num_samples, seed=seed)
+                     num_samples=args.num_samples, seed=seed, repeats=args.repeats)
         df = run.df
         for name, where in ROWS.items():
             results[name].append(best_test(df, where))
@@ -90,7 +94,8 @@ def main() -> None:
         line = ", ".join(f"{n}: {r[-1][0]:.3f}" if r[-1] else f"{n}: -" for n, r in results.items())
         print(f"seed {seed} ({time.perf_counter() - started:.0f} s): {line}", file=sys.stderr, flush=True)
 
-    print(f"\nmnist rho=100, default CNN, seeds {args.seeds}, {args.num_samples} trials per sweep, "
+    print(f"\nmnist rho=100, default CNN, seeds {args.seeds}, {args.num_samples} trials per sweep "
+          f"(repeats {args.repeats}), "
           f"selected on validation; test numbers at the best validation report\n")
     print("| method | test min recall | test mean recall | wins (min recall) | seeds with such a trial |")
     print("|---|---|---|---|---|")

@@ -16,7 +16,9 @@
     whatever the features (Ray's core worker, ray.tune with pandas and pyarrow): a first sweep on 1 MiB
     features measures it, and the lines also give each worker's increase above that reference, which is
     what the features themselves cost.
-(c) driver RSS (VmRSS) after 50 and after --trials tiny trials of one sweep.
+(c) driver RSS (VmRSS) after 50 and after --trials tiny trials of one sweep; the experiment is kept for (d).
+(d) `python benchmarks/bench_sweep.py compare PATH`: wall time of `run_search.py compare PATH` (own
+    objective, and re-ranked by gmean from the stored confusion counts) in a fresh process, Ray stopped.
 Every number is printed as one line; the machine's load is printed first (other jobs skew timings).
 """
 
@@ -26,6 +28,7 @@ import argparse
 import importlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +37,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -254,11 +259,33 @@ def driver(trials: int) -> None:
           f"{trials} trials {end / 1024:.0f} MiB; growth {(end - at_50) / max(trials - 50, 1):.0f} KiB/trial "
           "between them", flush=True)
     print(json.dumps({"samples": samples[-5:]}))
+    print(f"(c) experiment kept for (d): python benchmarks/bench_sweep.py compare {experiment}", flush=True)
+
+
+def compare_timing(path: str, repeats: int = 3) -> None:
+    """(d) wall time of `run_search.py compare PATH` (own objective, then re-ranked by gmean), Ray stopped."""
+    import ray
+
+    if ray.is_initialized():
+        raise SystemExit("(d) needs Ray stopped")
+    for extra in ([], ["--objective", "gmean"]):
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            done = subprocess.run([sys.executable, str(ROOT / "run_search.py"), "compare", path, *extra],
+                                  capture_output=True, text=True)
+            times.append(time.perf_counter() - started)
+            if done.returncode != 0:
+                raise SystemExit(done.stderr[-2000:])
+        label = " ".join(extra) or "(own objective)"
+        print(f"(d) compare {label} over {path}: best {min(times):.2f} s, median {statistics.median(times):.2f} s "
+              f"of {repeats} (process start and imports included)", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["overhead", "memory", "driver"])
+    parser.add_argument("what", choices=["overhead", "memory", "driver", "compare"])
+    parser.add_argument("path", nargs="?", help="(d) experiment folder to time `run_search.py compare` on")
     parser.add_argument("--trials", type=int, default=None, help="trials (a: 8, c: 200)")
     parser.add_argument("--steps", type=int, default=25000, help="(a) steps per trial (a multiple of 10)")
     parser.add_argument("--checkpoint-every", default="1,auto",
@@ -271,8 +298,12 @@ def main() -> None:
         overhead(args.trials or 8, args.steps, settings)
     elif args.what == "memory":
         memory(args.mb)
-    else:
+    elif args.what == "driver":
         driver(args.trials or 200)
+    else:
+        if not args.path:
+            parser.error("compare needs PATH (an experiment, e.g. the one `driver` keeps)")
+        compare_timing(args.path)
 
 
 if __name__ == "__main__":
