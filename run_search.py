@@ -251,8 +251,7 @@ def cmd_search(args, *, space_path: str | None = None, overrides: list[str] | No
     except KeyboardInterrupt:
         _print_interrupted(experiment)
         return 130
-    print(f"[run_search] sweep finished in {time.perf_counter() - started:.1f} s")
-    return _summarise(run, plots=args.plots, num_samples=args.num_samples)
+    return _summarise(run, plots=args.plots, num_samples=args.num_samples, seconds=time.perf_counter() - started)
 
 
 def cmd_resume(args) -> int:
@@ -288,11 +287,19 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def _summarise(run, *, plots: str | None, num_samples: int | None) -> int:
-    """Print the best trial next to the baselines on test, write the plots, say where."""
+def _summarise(run, *, plots: str | None, num_samples: int | None, seconds: float | None = None) -> int:
+    """Print the best trial next to the baselines on test, write the plots, say where.
+
+    Exit status 130 when the sweep stopped early (Ctrl-C: Ray Tune catches the first SIGINT, saves the
+    experiment and returns), 0 when it ran every trial.
+    """
     from selmix_ray.plots import write_plots
     from selmix_ray.results import compare
 
+    unfinished = int((run.df["status"] == "running").sum())
+    stopped = bool(unfinished or (num_samples is not None and len(run.df) < num_samples))
+    if seconds is not None:
+        print(f"[run_search] sweep {'stopped' if stopped else 'finished'} after {seconds:.1f} s")
     comparison = compare([run.path])
     print(comparison.to_string(top=5))
     best = run.best
@@ -302,8 +309,7 @@ def _summarise(run, *, plots: str | None, num_samples: int | None) -> int:
               f"report: min_recall={best['test_at_best/min_recall']:.4f}, "
               f"mean_recall={best['test_at_best/mean_recall']:.4f}")
     _print_plots(write_plots(run, Path(plots) if plots else run.path / "plots"))
-    unfinished = int((run.df["status"] == "running").sum())
-    if unfinished or (num_samples is not None and len(run.df) < num_samples):
+    if stopped:
         _print_interrupted(run.path)
         return 130
     print(f"[run_search] compare again with: python run_search.py compare {run.path}")

@@ -142,3 +142,42 @@ def test_search_then_compare_round_trip(ray_cluster, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "val/best_min_recall" in done.stdout and "band" in done.stdout
     assert (plots / "history.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_resumable_experiment_that_resume_completes(ray_cluster, tmp_path):
+    """SIGINT mid-sweep: exit 130 with the resume command; `resume` then ends with every trial finished."""
+    import signal
+    import time
+
+    from selmix_ray.results import load_run
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    storage, num_samples = tmp_path / "results", 4
+    experiment = storage / "ctrlc"
+    command = [sys.executable, str(REPO / "run_search.py"), "search", str(REPO / "search_spaces" / "gmean.yaml"),
+               "--dataset", "digits", "--rho", "10", "--backbone", "identity", "--num-samples", str(num_samples),
+               "--name", "ctrlc", "--storage", str(storage), "--max-concurrent", "1", "--scheduler", "fifo",
+               "--address", ray_cluster, "steps=40000", "eval_every=1000"]  # a few seconds per trial
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(p.stat().st_size > 0 for p in experiment.glob("run_trial_*/result.json")):
+            assert child.poll() is None, child.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no trial reported in time"
+            time.sleep(0.2)
+        child.send_signal(signal.SIGINT)
+        out, _ = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 130, out[-3000:]
+    assert "sweep stopped after" in out and "sweep finished" not in out
+    assert f"resume it with: python run_search.py resume {experiment}" in out
+    assert len(load_run(experiment).df) < num_samples or "running" in set(load_run(experiment).df["status"])
+
+    done = subprocess.run([sys.executable, str(REPO / "run_search.py"), "resume", str(experiment),
+                           "--address", ray_cluster], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    df = load_run(experiment).df
+    assert len(df) == num_samples and set(df["status"]) == {"complete"}
