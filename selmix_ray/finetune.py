@@ -956,7 +956,7 @@ def _mean_squared_norm(x: torch.Tensor) -> float:
     """
     total = 0.0
     for s in range(0, x.shape[0], NORM_CHUNK):
-        chunk = x[s:s + NORM_CHUNK].float().reshape(min(NORM_CHUNK, x.shape[0] - s), -1)
+        chunk = x[s:s + NORM_CHUNK].float().flatten(1)  # (rows, d) or (rows, C*H*W)
         total += float(torch.linalg.vector_norm(chunk, dim=1).double().square().sum())
     mean = total / max(x.shape[0], 1)
     if not mean > 0 or not math.isfinite(mean):
