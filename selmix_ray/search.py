@@ -200,6 +200,9 @@ def resume(path: str | os.PathLike, *, features=None, address: str | None = None
                                    resume_errored=True)
         _log(f"resuming {location.path}")
         _fit(tuner, location, journal)
+        # Again at the end: on a cluster that outlived the killed driver (address=..., or the test suite's),
+        # Tune's final sync copies that driver's staged params.json/result.json of its orphans back.
+        _remove_orphan_trial_folders(location, when="synced back at the end of the resumed run")
     finally:
         _shutdown_ray(started_ray)
     return _load_run(location)
@@ -590,12 +593,14 @@ def _asha_rungs(*, steps: int, eval_every: int) -> list[int]:
     return rungs
 
 
-def _remove_orphan_trial_folders(location) -> list[str]:
+def _remove_orphan_trial_folders(location, *, when: str = "started after the last snapshot") -> list[str]:
     """Delete trial folders that the newest experiment snapshot does not list; returns their names.
 
     A driver killed after starting a trial but before the next snapshot leaves that trial's folder
     (params.json, maybe results and checkpoints); Tune does not know the trial and never continues it.
-    Nothing is deleted when no snapshot can be read.
+    Where the Ray cluster outlives that driver, its staged files of those trials are still on the node,
+    and the resumed run's final sync writes them back into the experiment: ``resume`` therefore calls
+    this before and after the run. Nothing is deleted when no snapshot can be read.
     """
     names = _listdir(location)
     snapshots = sorted(n for n in names if n.startswith("experiment_state-") and n.endswith(".json"))
@@ -615,7 +620,7 @@ def _remove_orphan_trial_folders(location) -> list[str]:
         else:
             location.fs.delete_dir(location._fs_path(name))
     if orphans:
-        _log(f"removed {len(orphans)} trial folder(s) started after the last snapshot: {', '.join(orphans)}")
+        _log(f"removed {len(orphans)} trial folder(s) unknown to Tune ({when}): {', '.join(orphans)}")
     return orphans
 
 
@@ -719,11 +724,27 @@ class StudySearch(OptunaSearch):
 
     Args (besides OptunaSearch's): steps, the sweep's step count: a trial that ends before it was
     stopped by the scheduler and is told PRUNED (no value; telling PRUNED with a value raises in Optuna).
+
+    The study never holds a finished trial that the experiment's snapshot does not know. A trial that
+    started after the last snapshot (``save``) and finishes before the next one is told to Optuna at that
+    next snapshot, not at once: if the driver dies in between, Tune forgets the trial, and ``restore``
+    then marks its Optuna trial FAIL (a finished trial could no longer be changed, and the study would end
+    with more COMPLETE + PRUNED trials than the experiment has). Trials the last snapshot knows are told
+    at once. Tune snapshots every few trial checkpoints (``CHECKPOINTS_KEPT``), so the delay is short.
     """
 
     def __init__(self, *, steps: int, **kwargs):
         super().__init__(**kwargs)
         self._steps = steps
+        self._in_snapshot: set[str] = set()  # trial ids the last snapshot knows
+        self._untold: dict[str, dict] = {}  # trial id -> _tell kwargs, held until the next snapshot
+
+    def save(self, checkpoint_path: str) -> None:
+        for trial_id, outcome in self._untold.items():  # Tune wrote this snapshot's trial states just before
+            _tell(self._ot_study, self._ot_trials[trial_id], **outcome)
+        self._untold = {}
+        self._in_snapshot = set(self._ot_trials)
+        super().save(checkpoint_path)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if isinstance(self.metric, list) or trial_id in self._completed_trials:
@@ -741,16 +762,21 @@ class StudySearch(OptunaSearch):
         values = [None if not result else result.get(m) for m in metrics]
         finished = bool(result) and result.get(STEP_KEY, -1) >= self._steps
         if error or not result or any(v is None or not math.isfinite(v) for v in values):
-            _tell(self._ot_study, ot_trial, state=TrialState.FAIL)
+            outcome = {"state": TrialState.FAIL}
         elif not finished:  # stopped early by the scheduler
-            _tell(self._ot_study, ot_trial, state=TrialState.PRUNED)
+            outcome = {"state": TrialState.PRUNED}
         else:
-            _tell(self._ot_study, ot_trial, values=values if len(values) > 1 else values[0],
-                  state=TrialState.COMPLETE)
+            outcome = {"values": values if len(values) > 1 else values[0], "state": TrialState.COMPLETE}
+        if trial_id in self._in_snapshot:
+            _tell(self._ot_study, ot_trial, **outcome)
+        else:
+            self._untold[trial_id] = outcome
         self._completed_trials.add(trial_id)
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
+        self.__dict__.setdefault("_untold", {})  # a state saved before these attributes existed
+        self._in_snapshot = set(self._ot_trials)
         known = {ot_trial.number for ot_trial in self._ot_trials.values()}
         for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if trial.number not in known:  # asked after the last snapshot: Tune never recorded it

@@ -402,3 +402,51 @@ def test_nsga2_sampler_pickles_and_keeps_sampling_after_a_round_trip():
     study.sampler = restored
     study.optimize(objective, n_trials=5)
     assert len(study.trials) == 10 and all(t.state.name == "COMPLETE" for t in study.trials)
+
+
+def test_a_trial_finished_after_the_last_snapshot_is_told_only_at_the_next(tmp_path):
+    """The study never holds a finished trial that the experiment snapshot does not know.
+
+    Plays Tune's calls by hand: trial a is in the snapshot and is told at once; trial b starts after it
+    and finishes, and is held; a driver killed now leaves b RUNNING, which restore marks FAIL; with a
+    snapshot instead, b is told then.
+    """
+    import optuna
+
+    from selmix_ray.search import StudySearch, _journal_storage
+    from selmix_ray.space import load_space
+
+    space = load_space({"objective": "min_recall", "space": {"lr": {"loguniform": [0.1, 10.0]}},
+                        "fixed": {"steps": 100, "eval_every": 10}}).define_by_run()  # picklable, as in sweeps
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    journal = tmp_path / "killed" / JOURNAL_FILE
+
+    def searcher(journal):
+        return StudySearch(space=space, metric="val/best_objective", mode="max", steps=100,
+                           sampler=optuna.samplers.RandomSampler(seed=0), study_name="s",
+                           storage=_journal_storage(journal))
+
+    live = searcher(journal)
+    live.suggest("a")
+    live.save(str(tmp_path / "snapshot1.pkl"))  # Tune snapshots with trial a running
+    live.suggest("b")
+    live.on_trial_complete("a", {"val/best_objective": 0.5, "step": 100})  # known: told at once
+    live.on_trial_complete("b", {"val/best_objective": 0.7, "step": 30})  # started after it: held
+    assert [t.state.name for t in _study(journal, "s").trials] == ["COMPLETE", "RUNNING"]
+
+    restored = searcher(journal)  # the driver was killed before the next snapshot
+    restored.restore(str(tmp_path / "snapshot1.pkl"))
+    assert [t.state.name for t in _study(journal, "s").trials] == ["COMPLETE", "FAIL"]
+
+    live.save(str(tmp_path / "snapshot2.pkl"))  # had it lived: the next snapshot tells b
+    trials = _study(journal, "s").trials
+    assert trials[0].value == 0.5 and trials[1].state.name == "FAIL"  # FAIL is final: b's PRUNED is refused
+
+    journal = tmp_path / "lived" / JOURNAL_FILE  # the same, with no kill: c is told at the next snapshot
+    live = searcher(journal)
+    live.suggest("c")
+    live.on_trial_complete("c", {"val/best_objective": 0.9, "step": 100})
+    assert _study(journal, "s").trials[0].state.name == "RUNNING"
+    live.save(str(tmp_path / "lived.pkl"))
+    (trial,) = _study(journal, "s").trials
+    assert trial.state.name == "COMPLETE" and trial.value == 0.9
