@@ -29,22 +29,16 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import parse_seeds  # noqa: E402
 
 from selmix_ray.errors import TrainingError  # noqa: E402
 from selmix_ray.featureset import FeatureSet  # noqa: E402
 from selmix_ray.finetune import FinetuneConfig, Trainer, finetune  # noqa: E402
 
 
-def parse_list(text: str, kind=int) -> list:
-    """'0-9' -> [0, ..., 9]; '1,5,7' -> [1, 5, 7]; floats with kind=float ('1,10,100')."""
-    out = []
-    for part in text.split(","):
-        if kind is int and "-" in part:
-            low, _, high = part.partition("-")
-            out += list(range(int(low), int(high) + 1))
-        else:
-            out.append(kind(part))
-    return out
+def parse_floats(text: str) -> list[float]:
+    """'1,10,100' -> [1.0, 10.0, 100.0]."""
+    return [float(part) for part in text.split(",")]
 
 
 def block_features(seed: int, cache_dir) -> FeatureSet:
@@ -236,10 +230,10 @@ def bench_quality(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=["speed", "top_lr", "quality"])
-    parser.add_argument("--seeds", type=parse_list, default=list(range(10)), help="e.g. 0-9 or 100-104")
+    parser.add_argument("--seeds", type=parse_seeds, default=list(range(10)), help="e.g. 0-9 or 100-104")
     parser.add_argument("--seed", type=int, default=0, help="feature seed of the speed benchmark")
     parser.add_argument("--steps", type=int, default=500, help="steps of the speed benchmark's trials")
-    parser.add_argument("--values", type=lambda t: parse_list(t, float), default=[1.0, 10.0, 100.0],
+    parser.add_argument("--values", type=parse_floats, default=[1.0, 10.0, 100.0],
                         help="top_lr values of the top_lr benchmark")
     parser.add_argument("--workers", type=int, default=2, help="trials at once (one thread each)")
     parser.add_argument("--cache-dir", default=None)

@@ -23,19 +23,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import parse_seeds  # noqa: E402
 
 from selmix_ray.featureset import FeatureSet, Split  # noqa: E402
 from selmix_ray.finetune import FinetuneConfig, Trainer, finetune  # noqa: E402
 from selmix_ray.gain import gain_matrix  # noqa: E402
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'0-9' -> [0, ..., 9]; '1,5,7' -> [1, 5, 7]."""
-    seeds = []
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        seeds += list(range(int(low), int(high or low) + 1))
-    return seeds
 
 
 def mnist_features(seed: int, cache_dir):

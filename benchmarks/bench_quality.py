@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import parse_seeds
+
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = {
     "best SelMix": {"config/method": "selmix", "config/posthoc": "none"},
@@ -35,13 +37,6 @@ ROWS = {
 }
 BASELINE = "start+class_weights"
 
-
-def parse_seeds(text: str) -> list[int]:
-    seeds = []
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        seeds += list(range(int(low), int(high or low) + 1))
-    return seeds
 
 
 def best_test(df, where: dict[str, str]) -> tuple[float, float] | None:
