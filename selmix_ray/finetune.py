@@ -951,8 +951,9 @@ def _predict(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> np.nd
 def _mean_squared_norm(x: torch.Tensor) -> float:
     """mean ||z||^2 over the rows of x: float32 per row, summed in float64 by chunks of NORM_CHUNK rows.
 
-    Small chunks keep the transient float32 copy to a few MiB even for (n, C, H, W) maps; squaring in
-    float64 (as this used to) cost a worker ~50 MiB of anonymous memory that it kept afterwards.
+    Small chunks keep the transient copy to a few MiB even for (n, C, H, W) maps (float64 chunks of 8192
+    rows, as before, left 4 Ray trial workers at 1.41x the feature bytes above a 1 MiB-feature worker;
+    this gives 1.12x: ``benchmarks/bench_sweep.py memory``).
     """
     total = 0.0
     for s in range(0, x.shape[0], NORM_CHUNK):
