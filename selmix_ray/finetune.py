@@ -42,7 +42,6 @@ Importing this module needs numpy, torch and scipy only (no Ray, Optuna or pyarr
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import math
@@ -59,6 +58,7 @@ from .constants import METRIC_NAMES, SCORE_KEY, STEP_KEY
 from .errors import ConfigError, DataError, TrainingError
 from .featureset import FeatureSet
 from .gain import class_centroids, gain_matrix
+from .history import History, sparse_counts
 from .metrics import confusion_counts, joint_confusion, summarize
 from .mixup import mix, needs_maps, targets
 from .objectives import get_objective
@@ -252,59 +252,6 @@ def _config_problems(c: dict[str, Any], *, skip: set[str] = frozenset()) -> list
 
 
 # -- history and state -------------------------------------------------------------------------------
-
-
-@dataclass
-class History:
-    """What a trial reports, readable without torch (``to_json``/``from_json``).
-
-    Attributes:
-        records: one dict per report: ``{"step": int, "metrics": {key: float}, "val": split, "test":
-            split}`` (plus ``"val_raw"``, ``"test_raw"`` with a post-hoc correction), where a split is
-            ``{"recall": [K floats], "counts": [[row, col, count], ...]}`` (the nonzero confusion
-            entries; rows = true class; cross-fitted validation counts may be fractional).
-        best_p: (K, K) float32, the pair distribution P in force at the best report so far (None for
-            ``erm`` or before the first report).
-        best_step: the step of the best report so far (the one ``test_at_best/*`` come from).
-        meta: config, n_classes, train_counts (head/tail), the effective learning rate and the device.
-    """
-
-    records: list[dict[str, Any]] = field(default_factory=list)
-    best_p: np.ndarray | None = None
-    best_step: int | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def metrics(self) -> list[dict[str, float]]:
-        """The reported scalars, one dict per report."""
-        return [record["metrics"] for record in self.records]
-
-    def confusion(self, index: int = -1, split: str = "val") -> np.ndarray:
-        """Dense (K, K) confusion counts of report ``index`` for ``split`` (val, test, val_raw, test_raw)."""
-        K = int(self.meta["n_classes"])
-        dense = np.zeros((K, K))
-        for row, col, count in self.records[index][split]["counts"]:
-            dense[row, col] = count
-        return dense
-
-    def to_json(self) -> str:
-        best_p = None
-        if self.best_p is not None:
-            p = np.ascontiguousarray(self.best_p, dtype=np.float32)
-            best_p = {"dtype": "float32", "shape": list(p.shape), "base64": base64.b64encode(p.tobytes()).decode()}
-        return json.dumps(
-            {"records": self.records, "best_p": best_p, "best_step": self.best_step, "meta": self.meta}
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> History:
-        data = json.loads(text)
-        best_p = data.get("best_p")
-        if best_p is not None:
-            raw = base64.b64decode(best_p["base64"])
-            best_p = np.frombuffer(raw, dtype=np.float32).reshape(best_p["shape"]).copy()
-        return cls(records=data["records"], best_p=best_p, best_step=data.get("best_step"),
-                   meta=data.get("meta", {}))
 
 
 @dataclass
@@ -698,7 +645,7 @@ class Trainer:
             prefix = name.replace("_raw", "/raw")
             for m in METRIC_NAMES:
                 metrics[f"{prefix}/{m}"] = float(summary[m])
-            record[name] = {"recall": summary["recall"].tolist(), "counts": _sparse(splits[name])}
+            record[name] = {"recall": summary["recall"].tolist(), "counts": sparse_counts(splits[name])}
 
         best = self._best_record()
         if best is None or metrics["val/objective"] > best["metrics"]["val/objective"]:
@@ -966,16 +913,6 @@ def _mean_squared_norm(x: torch.Tensor) -> float:
             "check the training features or use lr_scale='none'."
         )
     return mean
-
-
-def _sparse(counts: np.ndarray) -> list[list]:
-    """Nonzero entries of a (K, K) confusion as [row, col, count] (ints where the counts are integral)."""
-    counts = np.asarray(counts)
-    rows, cols = np.nonzero(counts)
-    values = counts[rows, cols]
-    integral = np.all(values == np.round(values))
-    cast = int if integral else float
-    return [[int(r), int(c), cast(v)] for r, c, v in zip(rows, cols, values)]
 
 
 sys.modules[__name__].__class__ = _CallableModule  # selmix_ray.finetune(...) calls finetune() (see __init__)

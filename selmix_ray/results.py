@@ -19,7 +19,6 @@ Status of a trial: ``complete`` (reached ``steps``), ``pruned`` (stopped early b
 
 from __future__ import annotations
 
-import base64
 import glob
 import json
 import math
@@ -41,6 +40,7 @@ from .constants import (
     STEP_KEY,
 )
 from .errors import ExperimentError, SelMixError
+from .history import History, dense_counts
 from .metrics import head_mask, joint_confusion, metric_values
 
 __all__ = ["Run", "Comparison", "TrialHistory", "load_run", "compare", "STATUSES"]
@@ -52,58 +52,48 @@ _TUNE_RUNNING = {"RUNNING", "PENDING", "PAUSED"}
 
 @dataclass
 class TrialHistory:
-    """A trial's stored history (the JSON of ``finetune.History``), read without torch.
-
-    ``copies`` holds one history dict per repeat (one without repeats); each has ``records`` (one per
-    report: ``{"step", "metrics", "val": {"recall", "counts"}, "test": {...}}``), ``best_p``, ``best_step``
-    and ``meta``.
-    """
+    """A trial's stored histories, read without torch: ``copies`` holds one :class:`History` per repeat
+    (one without repeats); the first copy's steps, best step and meta stand for the trial."""
 
     trial_id: str
-    copies: list[dict[str, Any]]
+    copies: list[History]
 
     @property
     def n_classes(self) -> int:
-        return int(self.copies[0]["meta"]["n_classes"])
+        return self.copies[0].n_classes
 
     @property
     def steps(self) -> list[int]:
-        return [int(r["step"]) for r in self.copies[0]["records"]]
+        return self.copies[0].steps
 
     @property
     def best_step(self) -> int | None:
-        return self.copies[0].get("best_step")
+        return self.copies[0].best_step
+
+    def best_index(self) -> int:
+        return self.copies[0].best_index()
 
     def confusion(self, index: int, split: str = "val", copy: int = 0) -> np.ndarray:
         """Dense (K, K) confusion counts of report ``index`` (rows = true class)."""
-        K = self.n_classes
-        dense = np.zeros((K, K))
-        for row, col, count in self.copies[copy]["records"][index][split]["counts"]:
-            dense[row, col] = count
-        return dense
+        return self.copies[copy].confusion(index, split)
 
     def recall(self, index: int, split: str = "test") -> np.ndarray:
         """(K,) per-class recall of report ``index``, averaged over repeats."""
-        return np.mean([np.asarray(c["records"][index][split]["recall"], dtype=float) for c in self.copies],
-                       axis=0)
+        return np.mean([c.recall(index, split) for c in self.copies], axis=0)
 
     def index_of_step(self, step: int) -> int:
-        for index, s in enumerate(self.steps):
-            if s == step:
-                return index
-        raise ExperimentError(f"trial {self.trial_id} has no report at step {step}; it has {self.steps}.")
+        try:
+            return self.copies[0].index_of_step(step)
+        except ExperimentError as error:
+            raise ExperimentError(f"trial {self.trial_id}: {error}") from None
 
     def best_p(self) -> np.ndarray | None:
         """(K, K) float32 pair distribution in force at the best report (first copy), or None."""
-        p = self.copies[0].get("best_p")
-        if p is None:
-            return None
-        return np.frombuffer(base64.b64decode(p["base64"]), dtype=np.float32).reshape(p["shape"]).copy()
+        return self.copies[0].best_p
 
     @property
     def train_counts(self) -> np.ndarray | None:
-        counts = self.copies[0].get("meta", {}).get("train_counts")
-        return None if counts is None else np.asarray(counts)
+        return self.copies[0].train_counts
 
 
 @dataclass
@@ -204,7 +194,7 @@ class Run:
                 f"trial {trial_id} has no checkpoint with {HISTORY_FILE} yet (folder {folder}); it has not "
                 "reported, or it was written by something other than selmix-ray's trainable."
             )
-        copies = data if isinstance(data, list) else [data]
+        copies = [History.from_dict(c) for c in (data if isinstance(data, list) else [data])]
         self._histories[trial_id] = TrialHistory(trial_id=trial_id, copies=copies)
         return self._histories[trial_id]
 
@@ -608,7 +598,7 @@ def _rescore(history: TrialHistory, scorer, objective: str, train_counts) -> dic
     """Best-so-far of ``scorer`` over the reports (mean over copies) and the test metrics there."""
     K = history.n_classes
     head = head_mask(train_counts, K)
-    n_reports = len(history.copies[0]["records"])
+    n_reports = len(history.steps)
     best_value, best_index = -math.inf, None
     for index in range(n_reports):
         values = [scorer.value(joint_confusion(history.confusion(index, "val", c)))
@@ -624,7 +614,7 @@ def _rescore(history: TrialHistory, scorer, objective: str, train_counts) -> dic
         C = joint_confusion(history.confusion(best_index, "test", c))
         tests.append({**metric_values(C, head), objective: scorer.value(C)})
     out[f"val/best_{objective}"] = best_value
-    out["best_step"] = int(history.copies[0]["records"][best_index]["step"])
+    out["best_step"] = history.steps[best_index]
     out[f"test_at_best/{objective}"] = float(np.mean([t[objective] for t in tests]))
     for m in METRIC_NAMES:
         if m != "objective":
@@ -693,7 +683,4 @@ def _find_counts(record: dict[str, Any], split: str) -> np.ndarray | None:
         return None
     entries = part["counts"]
     K = int(record.get("n_classes") or (max(max(r, c) for r, c, _ in entries) + 1))
-    dense = np.zeros((K, K))
-    for row, col, count in entries:
-        dense[row, col] = count
-    return dense
+    return dense_counts(entries, K)

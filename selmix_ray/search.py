@@ -390,6 +390,7 @@ BASELINES = {  # name -> overrides of the sweep's fixed values (steps = 0 is the
 def _baselines(features, search_space, *, repeats: int, seed: int) -> dict[str, Any]:
     """Run the baselines on the driver (CPU); cached per feature key and settings."""
     from .finetune import FinetuneConfig, finetune, finetune_repeats
+    from .history import mean_best_recall, pooled_best_counts
 
     base = {"objective": search_space.objective, **search_space.fixed, "seed": seed, "device": "cpu"}
     configs = {name: FinetuneConfig.from_dict({**base, **overrides}) for name, overrides in BASELINES.items()}
@@ -414,8 +415,8 @@ def _baselines(features, search_space, *, repeats: int, seed: int) -> dict[str, 
             "config": config.to_dict(),
             "metrics": reports[-1],
             "n_classes": features.n_classes,
-            "per_class_recall": _per_class_recall(histories),
-            **_best_counts(histories),
+            "per_class_recall": mean_best_recall(histories),
+            **pooled_best_counts(histories),
             "seconds": round(time.perf_counter() - started, 3),
         }
         _log(f"baseline {name:<20s} {SCORE_KEY}={reports[-1][SCORE_KEY]:.4f} "
@@ -428,46 +429,6 @@ def _baselines(features, search_space, *, repeats: int, seed: int) -> dict[str, 
         except OSError:
             pass  # a read-only cache only costs recomputation
     return out
-
-
-def _per_class_recall(histories) -> dict[str, list[float]]:
-    """Per-class recall (K,) of the best report (val and test), averaged over the copies."""
-    import numpy as np
-
-    out = {}
-    for split in ("val", "test"):
-        rows = []
-        for history in histories:
-            index = _best_index(history)
-            rows.append(history.records[index][split]["recall"])
-        out[split] = np.mean(np.asarray(rows, dtype=float), axis=0).tolist()
-    return out
-
-
-def _best_counts(histories) -> dict[str, dict[str, list]]:
-    """{"val": {"counts": ...}, "test": {"counts": ...}}: sparse [row, col, count] confusion entries at the
-    best report (rows = true class), as History stores them; with several copies, summed over the copies
-    (each at its own best report), so a re-ranking scores the pooled predictions."""
-    import numpy as np
-
-    out = {}
-    for split in ("val", "test"):
-        dense = sum(history.confusion(_best_index(history), split) for history in histories)
-        rows, cols = np.nonzero(dense)
-        out[split] = {"counts": [[int(r), int(c), _count(dense[r, c])] for r, c in zip(rows, cols)]}
-    return out
-
-
-def _count(value: float) -> int | float:
-    """A confusion count as History writes it: an int, or a float when cross-fitting made it fractional."""
-    return int(value) if float(value).is_integer() else float(value)
-
-
-def _best_index(history) -> int:
-    steps = [record["step"] for record in history.records]
-    if history.best_step is not None and history.best_step in steps:
-        return steps.index(history.best_step)
-    return len(steps) - 1
 
 
 def _baseline_cache_dir() -> Path:

@@ -152,14 +152,15 @@ def _load_state(folder: Path, *, repeats: int):
     """
     import json
 
-    from .finetune import FinetuneState, History
+    from .finetune import FinetuneState
+    from .history import History
 
     states = [FinetuneState.load(path) for path in _state_files(folder, repeats)]
     stored = json.loads((folder / HISTORY_FILE).read_text(encoding="utf-8"))
     stored = [stored] if repeats == 1 else stored
     for state, history in zip(states, stored):
         if not state.history.records:
-            state.history = History.from_json(json.dumps(history))
+            state.history = History.from_dict(history)
     return states[0] if repeats == 1 else states
 
 
@@ -193,7 +194,7 @@ class _Reporter:
     def checkpoint(self, state) -> None:
         from ray import tune
 
-        from .finetune import History
+        from .history import History
 
         metrics, self.pending = self.pending or {}, None
         states = state if isinstance(state, list) else [state]
@@ -250,4 +251,4 @@ def _history_json(states: list) -> str:
         return states[0].history.to_json()
     import json
 
-    return json.dumps([json.loads(s.history.to_json()) for s in states])
+    return json.dumps([s.history.to_dict() for s in states])

@@ -291,7 +291,7 @@ def test_a_sweep_on_block_features_trains_blocks_in_trials_and_baselines(ray_clu
     assert len(run.df) == 2 and set(run.df["status"]) == {"complete"}
     top_lrs = set()
     for trial_id in run.df["trial_id"]:
-        meta = run.history(trial_id).copies[0]["meta"]
+        meta = run.history(trial_id).copies[0].meta
         assert meta["cut"] == "block"
         top_lrs.add(meta["config"]["top_lr"])
     assert len(top_lrs) == 2
