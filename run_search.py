@@ -231,7 +231,7 @@ def _build_features(args):
 
 
 def cmd_search(args, *, space_path: str | None = None, overrides: list[str] | None = None) -> int:
-    from selmix_ray.search import search
+    from selmix_ray.sweep import search
 
     space_path = space_path or args.space
     features = _build_features(args)
@@ -255,7 +255,7 @@ def cmd_search(args, *, space_path: str | None = None, overrides: list[str] | No
 
 
 def cmd_resume(args) -> int:
-    from selmix_ray.search import resume
+    from selmix_ray.sweep import resume
 
     try:
         run = resume(args.path, address=args.address)

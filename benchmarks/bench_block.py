@@ -31,9 +31,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import parse_seeds  # noqa: E402
 
+from selmix_ray.engine import FinetuneConfig, Trainer, finetune  # noqa: E402
 from selmix_ray.errors import TrainingError  # noqa: E402
 from selmix_ray.featureset import FeatureSet  # noqa: E402
-from selmix_ray.finetune import FinetuneConfig, Trainer, finetune  # noqa: E402
 
 
 def parse_floats(text: str) -> list[float]:

@@ -25,8 +25,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from _common import parse_seeds  # noqa: E402
 
+from selmix_ray.engine import FinetuneConfig, Trainer, finetune  # noqa: E402
 from selmix_ray.featureset import FeatureSet, Split  # noqa: E402
-from selmix_ray.finetune import FinetuneConfig, Trainer, finetune  # noqa: E402
 from selmix_ray.gain import gain_matrix  # noqa: E402
 
 

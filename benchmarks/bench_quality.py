@@ -69,7 +69,7 @@ def main() -> None:
     import ray
 
     from selmix_ray.features import build_features
-    from selmix_ray.search import search
+    from selmix_ray.sweep import search
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     storage = args.storage or tempfile.mkdtemp(prefix="selmix-quality-")

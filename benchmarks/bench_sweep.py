@@ -12,7 +12,7 @@
     processes, then the other settings, so that a drift of the machine's load shows.
 (b) peak memory with 1, 2 and 4 concurrent trials (0.5 CPU each) on synthetic features of --mb MB:
     one object-store copy plus, per trial worker, its anonymous memory (RssAnon) above that of a process
-    that has only imported torch and selmix_ray.finetune. A Ray Tune worker holds ~150 MiB more than that
+    that has only imported torch and selmix_ray.engine. A Ray Tune worker holds ~150 MiB more than that
     whatever the features (Ray's core worker, ray.tune with pandas and pyarrow): a first sweep on 1 MiB
     features measures it, and the lines also give each worker's increase above that reference, which is
     what the features themselves cost.
@@ -74,8 +74,8 @@ def _plain_trial(args) -> float:
     import torch
 
     torch.set_num_threads(1)
+    from selmix_ray.engine import FinetuneConfig, finetune
     from selmix_ray.features import rebuild_features
-    from selmix_ray.finetune import FinetuneConfig, finetune
 
     features = rebuild_features(build_args)
     finetune(features, FinetuneConfig.from_dict(config_dict))
@@ -83,7 +83,7 @@ def _plain_trial(args) -> float:
 
 
 def overhead(trials: int, steps: int, checkpoint_every: list[int | None]) -> None:
-    sweep = importlib.import_module("selmix_ray.search")
+    sweep = importlib.import_module("selmix_ray.sweep")
     from selmix_ray.space import load_space
 
     features = _digits()
@@ -166,14 +166,14 @@ def _worker_pids() -> list[int]:
 
 
 def _torch_baseline_kib() -> int:
-    code = ("import torch, selmix_ray.finetune, pathlib;"
+    code = ("import torch, selmix_ray.engine, pathlib;"
             "print([l for l in pathlib.Path('/proc/self/status').read_text().splitlines()"
             " if l.startswith('RssAnon')][0].split()[1])")
     return int(subprocess.check_output([sys.executable, "-c", code]).decode().strip())
 
 
 def memory(mb: int) -> None:
-    sweep = importlib.import_module("selmix_ray.search")
+    sweep = importlib.import_module("selmix_ray.sweep")
 
     features = _synthetic(mb)
     tiny = _synthetic(1)
@@ -229,7 +229,7 @@ def _worker_peaks(sweep, features, space_dict, storage, *, concurrency: int, nam
 
 
 def driver(trials: int) -> None:
-    sweep = importlib.import_module("selmix_ray.search")
+    sweep = importlib.import_module("selmix_ray.sweep")
 
     features = _digits()
     space_dict = {"objective": "min_recall", "space": {"lr": {"loguniform": [0.3, 3.0]}},

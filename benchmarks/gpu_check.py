@@ -21,8 +21,8 @@ import time
 import numpy as np
 import torch
 
+from selmix_ray.engine import FinetuneConfig, Trainer
 from selmix_ray.featureset import FeatureSet, Split
-from selmix_ray.finetune import FinetuneConfig, Trainer
 from selmix_ray.gain import gain_matrix
 
 

@@ -213,7 +213,7 @@ def read_yaml(path: str) -> Any:
 
 
 def _config_fields() -> dict[str, Any]:
-    from .finetune import FinetuneConfig
+    from .config import FinetuneConfig
 
     return {f.name: f for f in dataclasses.fields(FinetuneConfig)}
 
@@ -470,7 +470,7 @@ def _suggestion_order(params: dict[str, Param], problems: list[str]) -> list[Par
 def _check_values(objectives: list[str], params: list[Param], fixed: dict[str, Any],
                   problems: list[str]) -> None:
     """Validate objective names, fixed values and every domain's extremes through FinetuneConfig."""
-    from .finetune import FinetuneConfig
+    from .config import FinetuneConfig
 
     def config_problems(values: dict[str, Any]) -> list[str]:
         try:

@@ -86,8 +86,8 @@ def run_trial(config: dict[str, Any], *, features: dict[str, Any], settings: dic
     """
     from ray import tune
 
+    from .config import FinetuneConfig
     from .featureset import FeatureSet
-    from .finetune import FinetuneConfig
     from .space import load_space
 
     feature_set = FeatureSet.from_object_store(features)
@@ -112,12 +112,12 @@ def run_trial(config: dict[str, Any], *, features: dict[str, Any], settings: dic
         fault_at_step=settings.get("fault_at_step"), fault_max_trials=settings.get("fault_max_trials"),
         fault_dir=settings.get("fault_dir"))
     if repeats == 1:
-        from .finetune import finetune
+        from .engine import finetune
 
         finetune(feature_set, finetune_config, report=reporter.report, checkpoint=reporter.checkpoint,
                  state=state)
     else:
-        from .finetune import finetune_repeats
+        from .engine import finetune_repeats
 
         finetune_repeats(feature_set, finetune_config, repeats=repeats, report=reporter.report,
                          checkpoint=reporter.checkpoint, state=state)
@@ -152,7 +152,7 @@ def _load_state(folder: Path, *, repeats: int):
     """
     import json
 
-    from .finetune import FinetuneState
+    from .engine import FinetuneState
     from .history import History
 
     states = [FinetuneState.load(path) for path in _state_files(folder, repeats)]

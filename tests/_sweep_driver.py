@@ -21,7 +21,7 @@ def main() -> None:
     import ray
 
     from selmix_ray.features import build_features
-    from selmix_ray.search import search
+    from selmix_ray.sweep import search
 
     ray.init(address=address, log_to_driver=False)
     features = build_features("digits", rho=10, backbone="identity")

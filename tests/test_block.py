@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from selmix_ray.constants import METRIC_NAMES, SCORE_KEY
+from selmix_ray.engine import FinetuneConfig, FinetuneState, Trainer, finetune
 from selmix_ray.errors import DataError
 from selmix_ray.featureset import FeatureSet, Split
-from selmix_ray.finetune import FinetuneConfig, FinetuneState, Trainer, finetune
 from selmix_ray.gain import class_centroids, gain_matrix
 from selmix_ray.metrics import confusion_counts
 from selmix_ray.sampling import pair_distribution
@@ -281,7 +281,7 @@ def test_a_sweep_on_block_features_trains_blocks_in_trials_and_baselines(ray_clu
     import json
 
     from selmix_ray.constants import BASELINES_FILE
-    from selmix_ray.search import search
+    from selmix_ray.sweep import search
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the baselines' cache
     space = {"objective": "min_recall", "space": {"top_lr": {"loguniform": [0.5, 5.0]}},

@@ -13,9 +13,7 @@ import pytest
 import torch
 
 from selmix_ray.constants import METRIC_NAMES, SCORE_KEY
-from selmix_ray.errors import ConfigError, TrainingError
-from selmix_ray.featureset import FeatureSet, Split
-from selmix_ray.finetune import (
+from selmix_ray.engine import (
     FinetuneConfig,
     FinetuneState,
     History,
@@ -23,6 +21,8 @@ from selmix_ray.finetune import (
     finetune,
     finetune_repeats,
 )
+from selmix_ray.errors import ConfigError, TrainingError
+from selmix_ray.featureset import FeatureSet, Split
 
 SHORT = {"steps": 20, "eval_every": 10, "refresh_every": 5, "batch_size": 16, "device": "cpu"}
 
@@ -295,7 +295,7 @@ def test_float16_features_train_in_float32():
 
 
 def test_import_needs_no_ray_optuna_or_pyarrow():
-    code = ("import sys, selmix_ray.finetune; "
+    code = ("import sys, selmix_ray.engine; "
             "print(sorted(m for m in ('ray', 'optuna', 'pyarrow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -338,7 +338,7 @@ def test_cross_fitted_posthoc_scores_are_not_above_in_sample_scores_on_average()
 
 def test_mean_squared_norm_matches_numpy_on_features_and_maps():
     """The lr_scale='feature_norm' denominator, chunked in float32, against a float64 numpy reference."""
-    from selmix_ray.finetune import NORM_CHUNK, _mean_squared_norm
+    from selmix_ray.engine import NORM_CHUNK, _mean_squared_norm
 
     rng = np.random.default_rng(0)
     for shape in [(2 * NORM_CHUNK + 7, 16), (NORM_CHUNK + 3, 3, 4, 4), (5, 8)]:

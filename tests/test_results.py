@@ -67,7 +67,7 @@ def storage(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sweep(ray_cluster, digits, storage):
     """A finished 8-trial ASHA sweep (some trials pruned)."""
-    from selmix_ray.search import search
+    from selmix_ray.sweep import search
 
     search(SPACE, features=digits, storage=storage, name="single", num_samples=8, max_concurrent=2, seed=0)
     return storage / "single"
@@ -75,7 +75,7 @@ def sweep(ray_cluster, digits, storage):
 
 @pytest.fixture(scope="module")
 def multi_sweep(ray_cluster, digits, storage):
-    from selmix_ray.search import search
+    from selmix_ray.sweep import search
 
     search(MULTI_SPACE, features=digits, storage=storage, name="multi", num_samples=3, max_concurrent=2, seed=0)
     return storage / "multi"
@@ -224,7 +224,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 import json, ray
 from selmix_ray.features import build_features
-from selmix_ray.search import search
+from selmix_ray.sweep import search
 ray.init(address=sys.argv[1], log_to_driver=False)
 search(json.loads(sys.argv[4]), features=build_features("digits", rho=10, backbone="identity"),
        storage=sys.argv[2], name=sys.argv[3], num_samples=4, max_concurrent=2, scheduler="fifo", seed=0)

@@ -92,14 +92,14 @@ def _rungs(path: Path) -> dict[tuple[int, str], float]:
 def test_unknown_parameter_is_one_config_error(digits, tmp_path):
     space = {**SPACE, "space": {**SPACE["space"], "learning_rate": {"uniform": [0.1, 1.0]}}}
     with pytest.raises(ConfigError, match="learning_rate"):
-        from selmix_ray.search import search
+        from selmix_ray.sweep import search
 
         search(space, features=digits, storage=tmp_path, name="x", num_samples=2)
     assert not (tmp_path / "x").exists()
 
 
 def test_empty_range_is_one_config_error(digits, tmp_path):
-    from selmix_ray.search import search
+    from selmix_ray.sweep import search
 
     space = {**SPACE, "space": {**SPACE["space"], "lr": {"loguniform": [1.0, 1.0]}}}
     with pytest.raises(ConfigError, match="empty"):
@@ -107,7 +107,7 @@ def test_empty_range_is_one_config_error(digits, tmp_path):
 
 
 def test_missing_features_and_bad_options_are_config_errors(digits, tmp_path):
-    from selmix_ray.search import search
+    from selmix_ray.sweep import search
 
     with pytest.raises(ConfigError, match="features is required"):
         search(SPACE, features=None, storage=tmp_path, name="x", num_samples=2)
@@ -117,7 +117,7 @@ def test_missing_features_and_bad_options_are_config_errors(digits, tmp_path):
 
 
 def test_non_writable_storage_is_an_experiment_error(digits, tmp_path):
-    from selmix_ray.search import search
+    from selmix_ray.sweep import search
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -126,7 +126,7 @@ def test_non_writable_storage_is_an_experiment_error(digits, tmp_path):
 
 
 def test_existing_name_is_refused_with_resume_hint(digits, tmp_path):
-    from selmix_ray.search import search
+    from selmix_ray.sweep import search
 
     (tmp_path / "taken").mkdir()
     with pytest.raises(ExperimentError, match=r"already exists.*resume\("):
@@ -134,7 +134,7 @@ def test_existing_name_is_refused_with_resume_hint(digits, tmp_path):
 
 
 def test_resume_of_a_non_experiment_is_an_experiment_error(tmp_path):
-    from selmix_ray.search import resume
+    from selmix_ray.sweep import resume
 
     with pytest.raises(ExperimentError, match="not a selmix-ray experiment"):
         resume(tmp_path)
@@ -146,9 +146,9 @@ def test_resume_of_a_non_experiment_is_an_experiment_error(tmp_path):
 @pytest.mark.slow
 def test_asha_sweep_prunes_retries_from_checkpoints_and_keeps_the_journal(ray_cluster, digits, tmp_path,
                                                                            monkeypatch):
-    from selmix_ray.finetune import FinetuneConfig, finetune
-    from selmix_ray.search import search
+    from selmix_ray.engine import FinetuneConfig, finetune
     from selmix_ray.space import load_space
+    from selmix_ray.sweep import search
     from selmix_ray.trainable import FAULT_ENV, FAULT_LIMIT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "20")  # the first trial that reaches step 20 raises once, then retries
@@ -212,7 +212,7 @@ def _snapshot_trials(experiment: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_sigkilled_driver_resumes_to_exactly_num_samples(ray_cluster, digits, cache_home, tmp_path):
-    from selmix_ray.search import resume
+    from selmix_ray.sweep import resume
 
     num_samples = 10
     space = {**SPACE, "fixed": {"steps": 300, "eval_every": 30}}  # ~1-3 s per trial: time to kill mid-sweep
@@ -278,7 +278,7 @@ def test_repeats_sweep_checkpoints_every_copy_and_results_load_it(ray_cluster, d
 
     from selmix_ray.constants import BASELINES_FILE, HISTORY_FILE
     from selmix_ray.metrics import confusion_counts
-    from selmix_ray.search import search
+    from selmix_ray.sweep import search
 
     space = {"objective": "min_recall", "space": {"lr": {"loguniform": [0.1, 10.0]}},
              "fixed": {"steps": 20, "eval_every": 10}}
@@ -316,7 +316,7 @@ def test_repeats_sweep_checkpoints_every_copy_and_results_load_it(ray_cluster, d
 
 @pytest.mark.slow
 def test_multi_objective_sweep_ends_with_complete_trials_holding_both_values(ray_cluster, digits, tmp_path):
-    from selmix_ray.search import search
+    from selmix_ray.sweep import search
 
     space = {"objectives": ["min_recall", "mean_recall"],
              "space": {"lr": {"loguniform": [0.1, 10.0]}, "refresh_every": {"int": [2, 20]}},
@@ -340,7 +340,7 @@ def test_a_ray_that_search_started_is_shut_down_and_the_callers_is_not(monkeypat
 
     import ray
 
-    sweep = importlib.import_module("selmix_ray.search")
+    sweep = importlib.import_module("selmix_ray.sweep")
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -359,7 +359,7 @@ def test_a_ray_that_search_started_is_shut_down_and_the_callers_is_not(monkeypat
 def test_resume_removes_trial_folders_the_last_snapshot_does_not_list(tmp_path):
     import importlib
 
-    sweep = importlib.import_module("selmix_ray.search")
+    sweep = importlib.import_module("selmix_ray.sweep")
 
     experiment = tmp_path / "exp"
     for name in ("run_trial_known_1", "run_trial_orphan_2"):
@@ -387,7 +387,7 @@ def test_nsga2_sampler_pickles_and_keeps_sampling_after_a_round_trip():
 
     import optuna
 
-    from selmix_ray.search import PicklableNSGAIISampler
+    from selmix_ray.sweep import PicklableNSGAIISampler
 
     def objective(trial):
         return trial.suggest_float("x", 0, 1), trial.suggest_float("y", 0, 1)
@@ -413,8 +413,8 @@ def test_a_trial_finished_after_the_last_snapshot_is_told_only_at_the_next(tmp_p
     """
     import optuna
 
-    from selmix_ray.search import StudySearch, _journal_storage
     from selmix_ray.space import load_space
+    from selmix_ray.sweep import StudySearch, _journal_storage
 
     space = load_space({"objective": "min_recall", "space": {"lr": {"loguniform": [0.1, 10.0]}},
                         "fixed": {"steps": 100, "eval_every": 10}}).define_by_run()  # picklable, as in sweeps

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from selmix_ray.engine import FinetuneConfig
 from selmix_ray.errors import ConfigError
-from selmix_ray.finetune import FinetuneConfig
 from selmix_ray.space import DefineByRun, load_space
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from selmix_ray.constants import HISTORY_FILE, SCORE_KEY, STATE_FILE, STEP_KEY
+from selmix_ray.engine import FinetuneConfig, finetune
 from selmix_ray.featureset import FeatureSet, Split
-from selmix_ray.finetune import FinetuneConfig, finetune
 from selmix_ray.trainable import FAULT_ENV, TrialFault, run_trial, trial_settings
 
 SPACE = {"objective": "min_recall", "space": {"lr": {"loguniform": [0.1, 10.0]}},

@@ -54,7 +54,6 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from . import _CallableModule
 from .constants import (
     BASELINES_FILE,
     JOURNAL_FILE,
@@ -267,7 +266,7 @@ def _check_features(features) -> None:
 
 def _sweep_steps(search_space) -> tuple[int, int]:
     """(steps, eval_every) every trial of the sweep shares."""
-    from .finetune import FinetuneConfig
+    from .config import FinetuneConfig
 
     config = FinetuneConfig.from_dict({"objective": search_space.objective, **search_space.fixed})
     return config.steps, config.eval_every
@@ -389,7 +388,7 @@ BASELINES = {  # name -> overrides of the sweep's fixed values (steps = 0 is the
 
 def _baselines(features, search_space, *, repeats: int, seed: int) -> dict[str, Any]:
     """Run the baselines on the driver (CPU); cached per feature key and settings."""
-    from .finetune import FinetuneConfig, finetune, finetune_repeats
+    from .engine import FinetuneConfig, finetune, finetune_repeats
     from .history import mean_best_recall, pooled_best_counts
 
     base = {"objective": search_space.objective, **search_space.fixed, "seed": seed, "device": "cpu"}
@@ -900,5 +899,3 @@ class _Location:
 def _json_bytes(value) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=False, default=str) + "\n").encode()
 
-
-sys.modules[__name__].__class__ = _CallableModule  # selmix_ray.search(...) calls search() (see __init__)

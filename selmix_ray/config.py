@@ -1,0 +1,200 @@
+"""The configuration of one trial: :class:`FinetuneConfig`, its vocabularies and its checks.
+
+torch-free: the search space, the CLI's ``validate`` and the engine all check a config here.
+Every problem is collected and raised at once as one :class:`~selmix_ray.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .objectives import get_objective
+
+__all__ = ["FinetuneConfig"]
+
+METHODS = ("selmix", "uniform_mixup", "erm")
+GAIN_SCALES = ("max", "none")
+GAIN_FORMS = ("exact", "official")
+JACOBIANS = ("surrogate", "measured")
+MIXUPS = ("feature", "feature_soft", "cutmix", "puzzlemix")
+LR_SCALES = ("feature_norm", "none")
+POSTHOCS = ("none", "logit_adjust", "class_weights")
+DEVICES = ("auto", "cpu", "cuda")
+OBJECTIVE_PARAMS = ("omega", "beta", "alpha", "tau", "mu_max", "eps")
+# Relative rate of the top block. mnist rho=100 (60-epoch CNN), seeds 100-103, SelMix: top_lr 10 and 30 tie
+# (test min recall 0.80 either way; 0.82 vs 0.80 with post-hoc class weights); 100 diverged on one seed in four.
+TOP_LR_DEFAULT = 10.0
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything one trial needs besides the features. Defaults: SPEC.md section 7."""
+
+    method: str = "selmix"  # selmix | uniform_mixup (no mask, s = 0) | erm (uniform instances, no mixup)
+    objective: str = "min_recall"  # objective name (objectives.get_objective); trained for and ranked by
+    objective_params: dict = field(default_factory=dict)  # subset of omega, beta, alpha, tau, mu_max, eps
+    s: float = 5.0  # inverse temperature of P = softmax(s * G); log-odds best pair vs zero gain when gain_scale=max
+    gain_scale: str = "max"  # max: G / max|G| before the softmax | none: raw G (the released behaviour)
+    gain_form: str = "exact"  # exact: closed-form directional derivative | official: the released formula
+    jacobian: str = "surrogate"  # confusion the gain's Jacobian is evaluated at: surrogate C(A) | measured C
+    train_bias: bool = True  # train the head's bias (and include it in the gain)
+    mixup: str = "feature"  # feature | feature_soft | cutmix | puzzlemix (the last two need cached maps)
+    lambda_min: float = 0.6  # mixing weight of the class-i sample ~ U(lambda_min, 1)
+    floor: float | None = None  # exploration floor eps of P (fraction of uniform mass); None = 1/(K+1)
+    positive_only: bool = True  # pairs with G <= 0 get no mass before the floor
+    lr: float = 1.0  # learning rate; relative to mean ||z||^2 of the train features when lr_scale=feature_norm
+    lr_scale: str = "feature_norm"  # feature_norm: optimiser lr = lr / mean ||z||^2 | none: lr as given
+    top_lr: float = TOP_LR_DEFAULT  # top-block mode only (features.block): the block's rate, relative to the
+    #                                 mean squared norm of its input maps when lr_scale=feature_norm
+    momentum: float = 0.0  # SGD momentum, in [0, 1)
+    weight_decay: float = 5e-4  # SGD L2 weight decay on the head (weight and trained bias)
+    batch_size: int = 64  # pairs (or instances for erm) per SGD step
+    steps: int = 2000  # SGD steps of the trial; a multiple of eval_every
+    refresh_every: int = 10  # steps between gain / P / pseudo-label refreshes
+    eval_every: int = 50  # steps between reports (validation + test evaluation)
+    pseudo_label_threshold: float = 0.0  # min softmax confidence for an unlabeled sample to be a partner
+    posthoc: str = "none"  # post-hoc correction after training: none | logit_adjust | class_weights
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
+    seed: int = 0  # seeds numpy and torch generators of the trial
+
+    def __post_init__(self):
+        problems = _config_problems(dataclasses.asdict(self))
+        if problems:
+            raise ConfigError(problems, where="FinetuneConfig")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
+        """Build from a plain dict (YAML, Tune); raises one ConfigError listing every problem.
+
+        Integers are accepted for float fields and integral floats for integer fields.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        problems = []
+        unknown = sorted(set(values) - known)
+        if unknown:
+            problems.append(
+                f"unknown field(s) {', '.join(map(repr, unknown))}; known fields are {', '.join(sorted(known))}."
+            )
+        merged = dataclasses.asdict(cls())
+        merged.update({k: v for k, v in values.items() if k in known})
+        merged, coerce_problems = _coerce(merged)
+        problems += coerce_problems
+        problems += _config_problems(merged, skip={p.split(" ")[0] for p in coerce_problems})
+        if problems:
+            raise ConfigError(problems, where="FinetuneConfig")
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable dict; ``FinetuneConfig.from_dict(c.to_dict()) == c``."""
+        out = dataclasses.asdict(self)
+        out["objective_params"] = dict(self.objective_params)
+        return out
+
+
+_FLOAT_FIELDS = ("s", "lambda_min", "lr", "top_lr", "momentum", "weight_decay", "pseudo_label_threshold")
+_INT_FIELDS = ("batch_size", "steps", "refresh_every", "eval_every", "seed")
+_BOOL_FIELDS = ("train_bias", "positive_only")
+
+
+def _coerce(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Convert ints to floats and integral floats to ints; type problems start with the field name."""
+    out, problems = dict(values), []
+    for name in _FLOAT_FIELDS + ("floor",):
+        v = out[name]
+        if name == "floor" and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            problems.append(f"{name} must be a number, but got {v!r}.")
+        else:
+            out[name] = float(v)
+    for name in _INT_FIELDS:
+        v = out[name]
+        if isinstance(v, float) and v.is_integer():
+            out[name] = int(v)
+        elif isinstance(v, bool) or not isinstance(v, int):
+            problems.append(f"{name} must be an integer, but got {v!r}.")
+    for name in _BOOL_FIELDS:
+        if not isinstance(out[name], bool):
+            problems.append(f"{name} must be true or false, but got {out[name]!r}.")
+    if not isinstance(out["objective_params"], dict):
+        problems.append(f"objective_params must be a mapping, but got {out['objective_params']!r}.")
+    else:
+        out["objective_params"] = dict(out["objective_params"])
+    return out, problems
+
+
+def _config_problems(c: dict[str, Any], *, skip: set[str] = frozenset()) -> list[str]:
+    """Every value problem of a config dict (types assumed right except for the fields in ``skip``)."""
+    problems = []
+
+    def choice(name, allowed):
+        if c[name] not in allowed:
+            problems.append(f"{name} must be one of {', '.join(allowed)}, but got {c[name]!r}.")
+
+    def check(name, ok, rule):
+        if name not in skip and not ok(c[name]):
+            problems.append(f"{name} must be {rule}, but got {name}={c[name]!r}.")
+
+    def finite(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    choice("method", METHODS)
+    choice("gain_scale", GAIN_SCALES)
+    choice("gain_form", GAIN_FORMS)
+    choice("jacobian", JACOBIANS)
+    choice("mixup", MIXUPS)
+    choice("lr_scale", LR_SCALES)
+    choice("posthoc", POSTHOCS)
+    device = c["device"]
+    if not (device in DEVICES or (isinstance(device, str) and device.startswith("cuda:")
+                                  and device[5:].isdigit())):
+        problems.append(f"device must be one of auto, cpu, cuda or cuda:N, but got {device!r}.")
+    if not isinstance(c["objective"], str) or not c["objective"]:
+        problems.append(f"objective must be an objective name, but got {c['objective']!r}.")
+    check("s", lambda v: finite(v) and v >= 0, ">= 0 and finite")
+    check("lambda_min", lambda v: finite(v) and 0 <= v <= 1, "in [0, 1]")
+    check("floor", lambda v: v is None or (finite(v) and 0 <= v <= 1), "None or in [0, 1]")
+    check("lr", lambda v: finite(v) and v > 0, "> 0 and finite")
+    check("top_lr", lambda v: finite(v) and v >= 0, ">= 0 and finite (0 freezes the top block)")
+    check("momentum", lambda v: finite(v) and 0 <= v < 1, "in [0, 1)")
+    check("weight_decay", lambda v: finite(v) and v >= 0, ">= 0 and finite")
+    check("pseudo_label_threshold", lambda v: finite(v) and 0 <= v <= 1, "in [0, 1]")
+    check("batch_size", lambda v: isinstance(v, int) and v >= 1, ">= 1")
+    check("steps", lambda v: isinstance(v, int) and v >= 0, ">= 0")
+    check("refresh_every", lambda v: isinstance(v, int) and v >= 1, ">= 1")
+    check("eval_every", lambda v: isinstance(v, int) and v >= 1, ">= 1")
+    check("seed", lambda v: isinstance(v, int) and v >= 0, ">= 0")
+    steps, eval_every = c["steps"], c["eval_every"]
+    if (isinstance(steps, int) and isinstance(eval_every, int) and eval_every >= 1 and steps >= 0
+            and steps % eval_every):
+        problems.append(
+            f"steps must be a multiple of eval_every, but got {steps=} and {eval_every=}; "
+            f"use steps={(steps // eval_every + 1) * eval_every} or change eval_every."
+        )
+    if c["gain_form"] == "official" and c["mixup"] == "feature_soft":
+        problems.append(
+            "gain_form 'official' is undefined with a soft target, but got mixup='feature_soft'; "
+            "use gain_form='exact' or mixup='feature'."
+        )
+    params = c["objective_params"]
+    if isinstance(params, dict):
+        unknown = sorted(set(params) - set(OBJECTIVE_PARAMS))
+        if unknown:
+            problems.append(
+                f"objective_params has unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"known keys are {', '.join(OBJECTIVE_PARAMS)}."
+            )
+        for key, v in params.items():
+            if key in OBJECTIVE_PARAMS and not finite(v):
+                problems.append(f"objective_params[{key!r}] must be a finite number, but got {v!r}.")
+        if not problems and isinstance(c["objective"], str) and ":" not in c["objective"]:
+            # the objective checks its name and which parameters it accepts (custom ones are imported later)
+            try:
+                get_objective(c["objective"], **params)
+            except ConfigError as error:
+                problems += error.problems
+    return problems
