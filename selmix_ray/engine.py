@@ -52,8 +52,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .block import build_block
 from .config import FinetuneConfig
 from .constants import METRIC_NAMES, SCORE_KEY, STEP_KEY
+from .device import resolve_device
 from .errors import ConfigError, DataError, TrainingError
 from .featureset import FeatureSet
 from .gain import class_centroids, gain_matrix
@@ -162,7 +164,7 @@ class Trainer:
     def __init__(self, features: FeatureSet, config: FinetuneConfig, *, state: FinetuneState | None = None):
         self.features, self.config = features, config
         self.K = K = features.n_classes
-        self.device = _resolve_device(config.device)
+        self.device = resolve_device(config.device)
         self.uses_pairs = config.method != "erm"
         self.uses_maps = self.uses_pairs and needs_maps(config.mixup)  # mixing happens on the cached maps
         if self.uses_maps and not features.has_maps:
@@ -177,8 +179,6 @@ class Trainer:
                     "This FeatureSet carries a top block but not every split has maps (its input); rebuild the "
                     "features with cut='block'."
                 )
-            from .backbones import build_block  # torchvision is imported only in top-block mode
-
             self.block = build_block(features.block).to(self.device).eval()
         self.train_counts = features.train_counts
         self.objective = get_objective(config.objective, train_counts=self.train_counts, **config.objective_params)
@@ -656,14 +656,6 @@ def finetune_repeats(
 
 
 # -- tensors -----------------------------------------------------------------------------------------
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for, but CUDA is not available; use device='auto' or 'cpu'.")
-    return torch.device(name)
 
 
 def _tensor(array: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
