@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checks import is_int
+from .checks import int_problem, is_int
 from .config import FinetuneConfig
 from .constants import METRIC_NAMES, SCORE_KEY, STEP_KEY
 from .device import resolve_device
@@ -464,8 +464,8 @@ def finetune_repeats(
     ``report`` receives the mean of each scalar over the copies; ``checkpoint`` the list of the copies'
     states (pass it back as ``state`` to resume). Returns each copy's History.
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ConfigError(f"repeats must be an integer >= 1, but got {repeats=}.")
+    if int_problem("repeats", repeats, minimum=1):
+        raise ConfigError(int_problem("repeats", repeats, minimum=1))
     states = list(state) if state is not None else [None] * repeats
     if len(states) != repeats:
         raise ConfigError(f"state holds {len(states)} copies, but {repeats=}; resume with the same repeats.")

@@ -26,6 +26,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from .checks import is_number
 from .errors import ConfigError, DataError
 from .metrics import head_mask, joint_confusion, metric_values
 
@@ -120,7 +121,7 @@ class Objective:
         for key, value in params.items():
             if key not in self.defaults:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            if not is_number(value):
                 problems.append(f"{key} must be a number, but got {key}={value!r}.")
                 continue
             if not math.isfinite(value):
