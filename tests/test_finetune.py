@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import subprocess
 import sys
@@ -115,6 +116,39 @@ def test_map_variants_run_on_cached_maps(mixup, synthetic_features):
     assert set(reports[-1]) == expected_keys(False)
     with pytest.raises(ConfigError, match="needs spatial maps"):
         run(synthetic_features(), mixup=mixup)
+
+
+def test_config_accepts_numpy_integers_and_refuses_bools():
+    config = FinetuneConfig.from_dict({**SHORT, "steps": np.int64(40), "eval_every": np.int32(10),
+                                       "lr": np.float32(0.5)})
+    assert (config.steps, type(config.steps), type(config.lr)) == (40, int, float)
+    direct = FinetuneConfig(batch_size=np.int64(32), s=np.float64(2.0))
+    assert type(direct.batch_size) is int and json.loads(json.dumps(direct.to_dict()))["batch_size"] == 32
+    with pytest.raises(ConfigError) as error:
+        FinetuneConfig.from_dict({"batch_size": True, "lr": False})
+    assert error.value.problems == ["lr must be a number, but got False.",
+                                    "batch_size must be an integer, but got True."]
+
+
+def test_step_api_composes_to_run_until(features):
+    """refresh / train_steps / logits: what run_until does between two reports, step by step."""
+    config = FinetuneConfig.from_dict({**SHORT, "momentum": 0.9})
+    whole, parts = Trainer(features, config), Trainer(features, config)
+    whole.run_until(0)
+    whole.run_until(10)  # refreshes at 5 and 10
+    parts.run_until(0)
+    for _ in range(2):
+        parts.train_steps(5)
+        parts.refresh()
+    assert parts.step == whole.step == 10
+    assert torch.equal(parts.weight, whole.weight) and torch.equal(parts.bias, whole.bias)
+    np.testing.assert_array_equal(parts.P, whole.P)
+    by_hand = features.val.x.astype(np.float64) @ parts.weight.double().numpy().T + parts.bias.double().numpy()
+    np.testing.assert_allclose(parts.logits("val"), by_hand, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(parts.logits("test"), features.test.x @ parts.weight.numpy().T + parts.bias.numpy(),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="n must be an integer in"):
+        parts.train_steps(config.steps)  # past the last step
 
 
 def test_uniform_mixup_samples_pairs_uniformly(features):
