@@ -60,7 +60,9 @@ class Batch(NamedTuple):
 
     def rows(self, start: int, stop: int) -> Batch:
         """The samples ``start:stop`` (views, no copy)."""
-        return Batch(*(None if part is None else part[start:stop] for part in self))
+        partners, lam = self.partners, self.lam
+        return Batch(self.inputs[start:stop], None if partners is None else partners[start:stop],
+                     None if lam is None else lam[start:stop], self.target[start:stop])
 
 
 class _Model:
@@ -86,6 +88,7 @@ class _Model:
         self.bias = torch.tensor(np.asarray(features.bias), dtype=torch.float32, device=device)  # (K,)
         self.velocity = {"weight": torch.zeros_like(self.weight), "bias": torch.zeros_like(self.bias)}
         self.version = 0  # bumped by every change of the parameters (cached features are valid for one)
+        self._trained: list | None = None  # filled at the first update
 
     @property
     def has_pool(self) -> bool:
@@ -123,17 +126,17 @@ class _Model:
 
     def _update(self, grads: dict[str, torch.Tensor], at: int) -> None:
         """One SGD update (as torch.optim.SGD, dampening 0) of every trained parameter with its gradient;
-        the rate follows a cosine from the parameter's rate at step 0 to 0 at ``steps``."""
+        the rate follows a cosine from the parameter's rate at step 0 to 0 at ``steps``. Parameters that
+        require gradients (the block's) must be updated under ``torch.no_grad()``."""
         config = self.config
+        if self._trained is None:  # (name, tensor, rate) of the trained parameters, fixed for the trial
+            self._trained = [(n, p, lr) for n, p, lr in self._parameters() if n != "bias" or config.train_bias]
         cosine = 0.5 * (1.0 + math.cos(math.pi * at / config.steps))
-        with torch.no_grad():
-            for name, param, lr in self._parameters():
-                if name == "bias" and not config.train_bias:
-                    continue
-                grad = grads[name].add_(param, alpha=config.weight_decay)
-                if config.momentum:
-                    grad = self.velocity[name].mul_(config.momentum).add_(grad)
-                param.add_(grad, alpha=-lr * cosine)
+        for name, param, lr in self._trained:
+            grad = grads[name].add_(param, alpha=config.weight_decay)
+            if config.momentum:
+                grad = self.velocity[name].mul_(config.momentum).add_(grad)
+            param.add_(grad, alpha=-lr * cosine)
         self.version += 1
 
     def _parameters(self):
@@ -300,7 +303,8 @@ class TopBlockModel(_Model):
         z = z.detach()
         grads = {"weight": residual.T @ z, "bias": residual.sum(dim=0)}
         grads.update({f"block.{name}": g for name, g in zip(params, block_grads)})
-        self._update(grads, at)
+        with torch.no_grad():
+            self._update(grads, at)
 
     def _parameters(self):
         return super()._parameters() + [(f"block.{n}", p, self.top_lr) for n, p in self.block.named_parameters()]
