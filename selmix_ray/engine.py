@@ -284,10 +284,9 @@ class Trainer:
     def _train(self, n_steps: int) -> None:
         """``n_steps`` SGD steps from one draw (P, the pseudo-labels and the mixing do not depend on the
         model, so a refresh interval's batches are drawn, gathered and mixed at once)."""
-        B = self.config.batch_size
-        batch = self.model.draw(n_steps * B)
-        for k in range(n_steps):
-            self.model.step(batch.rows(k * B, (k + 1) * B), self.step)
+        B, step = self.config.batch_size, self.model.step
+        for batch in self.model.draw(n_steps * B).split(B):
+            step(batch, self.step)
             self.step += 1
 
     def _refresh(self) -> None:

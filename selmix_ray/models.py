@@ -58,11 +58,13 @@ class Batch(NamedTuple):
     lam: torch.Tensor | None
     target: torch.Tensor
 
-    def rows(self, start: int, stop: int) -> Batch:
-        """The samples ``start:stop`` (views, no copy)."""
-        partners, lam = self.partners, self.lam
-        return Batch(self.inputs[start:stop], None if partners is None else partners[start:stop],
-                     None if lam is None else lam[start:stop], self.target[start:stop])
+    def split(self, size: int) -> list[Batch]:
+        """Consecutive batches of ``size`` samples (views, no copy): one per SGD step."""
+        inputs, target = self.inputs.split(size), self.target.split(size)
+        none = [None] * len(inputs)
+        partners = none if self.partners is None else self.partners.split(size)
+        lam = none if self.lam is None else self.lam.split(size)
+        return list(map(Batch, inputs, partners, lam, target))
 
 
 class _Model:
