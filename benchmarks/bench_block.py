@@ -82,9 +82,8 @@ def bench_speed(args) -> None:
         # per step: SGD steps only (no refresh, no report inside the timed span)
         trainer = Trainer(features, FinetuneConfig(steps=steps, eval_every=steps, refresh_every=steps, device="cpu"))
         trainer.run_until(0)
-        trainer.refreshed_at = steps  # no refresh at the end either: time the steps alone
         start = time.perf_counter()
-        trainer._train_block(steps)
+        trainer.train_steps(steps)  # the steps alone: no refresh, no report
         per_step = (time.perf_counter() - start) / steps
         # per trial: the default trial (refresh every 10 steps, a report every 50), everything included
         config = FinetuneConfig(steps=steps, eval_every=50, device="cpu")

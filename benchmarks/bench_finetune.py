@@ -39,18 +39,20 @@ def mnist_features(seed: int, cache_dir):
 # -- (a) steps/s ---------------------------------------------------------------------------------------
 
 
-class BackboneInTheLoop(Trainer):
-    """The same SGD steps, plus the frozen CNN's forward pass on the 2 B images a step mixes."""
+def backbone_in_the_loop(features, config, *, cnn, images) -> Trainer:
+    """A Trainer whose model's SGD step also runs the frozen CNN's forward pass on the 2 B images a step
+    mixes (the same SGD steps otherwise; the images are drawn from their own generator)."""
+    trainer = Trainer(features, config)
+    step, rng = trainer.model.step, np.random.default_rng(0)
 
-    def __init__(self, features, config, *, cnn, images):
-        super().__init__(features, config)
-        self.cnn, self.images = cnn, images
-
-    def _sgd_step(self, z, target):
-        index = torch.from_numpy(self.rng.integers(0, len(self.images), size=2 * self.config.batch_size))
+    def step_with_cnn(batch, at):
+        index = torch.from_numpy(rng.integers(0, len(images), size=2 * config.batch_size))
         with torch.no_grad():
-            self.cnn.maps(self.images[index]).mean(dim=(2, 3))
-        super()._sgd_step(z, target)
+            cnn.maps(images[index]).mean(dim=(2, 3))
+        step(batch, at)
+
+    trainer.model.step = step_with_cnn
+    return trainer
 
 
 def bench_speed(args) -> None:
@@ -73,7 +75,7 @@ def bench_speed(args) -> None:
     in_loop_steps = max(args.steps // 10, 1)
     config_loop = dataclasses.replace(config, steps=in_loop_steps, eval_every=in_loop_steps)
     args_steps, args.steps = args.steps, in_loop_steps
-    in_loop = steps_per_second(BackboneInTheLoop(features, config_loop, cnn=cnn, images=images))
+    in_loop = steps_per_second(backbone_in_the_loop(features, config_loop, cnn=cnn, images=images))
     args.steps = args_steps
     print(f"\n### (a) steps/s, mnist rho=100, default CNN (d={features.dim}), batch {config.batch_size}, 1 thread\n")
     print("| loop | steps/s |\n|---|---|")
@@ -113,9 +115,8 @@ def bench_refresh(args) -> None:
             start = time.perf_counter()
             gain_matrix(counts, trainer.centroids, weight, bias, trainer.objective)
             gain_times.append(time.perf_counter() - start)
-            trainer._val_cache, trainer.refreshed_at = None, -1  # force the validation pass too
             start = time.perf_counter()
-            trainer._refresh()
+            trainer.refresh()  # the validation pass included
             refresh_times.append(time.perf_counter() - start)
         gain, refresh = statistics.median(gain_times), statistics.median(refresh_times)
         print(f"| {K} | {1e3 * gain:.1f} | {1e3 * refresh:.1f} | {refresh / gain:.2f} |")

@@ -16,8 +16,10 @@ Four kinds, chosen by a spec string:
 
 Top-block mode (``cut="block"``, SPEC.md section 13): the cache holds the map entering the backbone's last
 block (the CNN's ``trunk`` output, a ResNet's ``layer4`` input, a factory's ``trunk`` output), and the
-FeatureSet carries that block's initial weights as a payload of numpy arrays (see :func:`block_payload`);
-:func:`build_block` turns the payload back into the trainable :class:`TopBlock`.
+FeatureSet carries that block's initial weights as a payload of numpy arrays (``block.block_payload``);
+the engine turns it back into a trainable ``block.TopBlock`` with ``block.build_block``. The names
+(``CUTS``, ``CNNSettings``, ``backbone_kind``) live in the torch-free ``backbone_spec``; the device
+resolver in ``device``.
 
 torch and torchvision are imported here at module level: this module is only imported when features
 are built.
@@ -25,7 +27,6 @@ are built.
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,46 +36,30 @@ import numpy as np
 import torch
 from torch import nn
 
+from .backbone_spec import CUTS, IMAGENET_MEAN, IMAGENET_STD, CNNSettings, backbone_kind
+from .block import TopBlock, block_payload, build_block, call_factory, cnn_stage
+from .device import torch_threads
 from .errors import DataError
-from .features import CUTS, CNNSettings, backbone_kind
 
 __all__ = [
     "SmallCNN",
-    "CNNSettings",
     "PreparedBackbone",
     "prepare_backbone",
     "train_cnn",
     "fit_erm_head",
-    "resolve_device",
-    "torch_threads",
+    # re-exported for callers of the backbone layer: backbone_spec (torch-free) and block (shared with the engine)
+    "CNNSettings",
     "backbone_kind",
     "CUTS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "TopBlock",
     "block_payload",
     "build_block",
     "cnn_stage",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None -> CUDA when available, else CPU; anything else as given."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 # -- the in-process CNN --------------------------------------------------------------------------
-
-
-def cnn_stage(c_in: int, c_out: int, *, pool: bool) -> nn.Sequential:
-    """One stage of :class:`SmallCNN`: 3x3 conv, BatchNorm, ReLU, then a 2x2 max-pool when ``pool``."""
-    layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-    return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
 
 
 class SmallCNN(nn.Module):
@@ -184,25 +169,6 @@ def _recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: i
         norm.momentum = 0.1
 
 
-class torch_threads:
-    """Run a block with ``n`` intra-op threads (None: unchanged), restoring the previous number after.
-
-    Small convolutions and full-batch problems lose time to threads: on this 2-core machine under load,
-    a SmallCNN training step took 140 ms with 1 thread and 800 ms with 2.
-    """
-
-    def __init__(self, n: int | None):
-        self.n = n
-
-    def __enter__(self):
-        self.previous = torch.get_num_threads()
-        if self.n is not None:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.previous)
-
-
 # -- the ERM head on cached features -------------------------------------------------------------
 
 
@@ -241,68 +207,6 @@ def fit_erm_head(
         linear.weight.detach().cpu().numpy().astype(np.float32),
         linear.bias.detach().cpu().numpy().astype(np.float32),
     )
-
-
-# -- top-block mode ------------------------------------------------------------------------------
-
-
-class TopBlock(nn.Module):
-    """The trainable top block of ``cut="block"``: cached map (B, C, H, W) -> features (B, d).
-
-    ``block`` is the backbone's last block; a 4-D output is global-average pooled (as the backbone
-    pools before its classifier), a 2-D one is returned as it is.
-    """
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        out = self.block(maps)
-        return out.mean(dim=(2, 3)) if out.ndim == 4 else out.flatten(1)
-
-
-def block_payload(kind: str, block: nn.Module, config: dict) -> dict:
-    """What a FeatureSet carries of the last block: plain numpy and JSON, so it crosses Ray's object store.
-
-    Returns ``{"kind": kind, "state_dict": {name: ndarray}, "config": config}``; ``kind`` and the JSON-able
-    ``config`` say how :func:`build_block` rebuilds the module (``"cnn"``: ``in_channels``,
-    ``out_channels``, ``pool``; ``"torchvision"``: ``model``, ``num_classes``, ``attribute``;
-    ``"factory"``: ``factory``, ``n_classes``, ``in_channels``).
-    """
-    state = {name: value.detach().cpu().numpy().copy() for name, value in block.state_dict().items()}
-    return {"kind": kind, "state_dict": state, "config": dict(config)}
-
-
-def build_block(payload: dict) -> TopBlock:
-    """A fresh :class:`TopBlock` with the payload's weights (FeatureSet.block), in eval mode, on the CPU.
-
-    Maps a cached map (B, C, H, W) to the penultimate features (B, d), pooled; with the initial weights
-    it reproduces the FeatureSet's ``x`` from its ``maps``. Every parameter has ``requires_grad=True``;
-    BatchNorm running statistics are part of the state. The payload's arrays are copied, never written
-    (they may be read-only object-store views). A ``"factory"`` block calls the user's factory again,
-    so its module must be importable where the block is built.
-    """
-    if not isinstance(payload, dict) or not {"kind", "state_dict", "config"} <= set(payload):
-        raise DataError(
-            "build_block needs a FeatureSet.block payload {'kind', 'state_dict', 'config'}; build the features "
-            "with cut='block'."
-        )
-    kind, config = payload["kind"], payload["config"]
-    if kind == "cnn":
-        block = cnn_stage(config["in_channels"], config["out_channels"], pool=config["pool"])
-    elif kind == "torchvision":
-        from torchvision import models
-
-        model = models.get_model(config["model"], weights=None, num_classes=config["num_classes"])
-        block = model.get_submodule(config["attribute"])
-    elif kind == "factory":
-        block = _call_factory(config["factory"], n_classes=config["n_classes"], in_channels=config["in_channels"])["block"]
-    else:
-        raise DataError(f"Unknown block kind {kind!r}. Available: cnn, torchvision, factory.")
-    state = {name: torch.as_tensor(np.array(value)) for name, value in payload["state_dict"].items()}
-    block.load_state_dict(state, strict=True)
-    return TopBlock(block).eval()
 
 
 # -- preparing any backbone ----------------------------------------------------------------------
@@ -455,39 +359,8 @@ def _torchvision_backbone(spec, *, weights, n_classes, keep_maps, cut, device) -
     return PreparedBackbone(extract, head, info, payload)
 
 
-def _call_factory(spec: str, *, n_classes: int, in_channels: int) -> dict:
-    """Import and call a user factory; returns ``{"trunk": module, "block": module | None, "head": Linear | None}``."""
-    module_name, _, func_name = spec.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), func_name)
-    except (ImportError, AttributeError) as exc:
-        raise DataError(f"Cannot import backbone factory {spec!r}: {exc}. Expected 'package.module:function'.") from exc
-    made = factory(n_classes=n_classes, in_channels=in_channels)
-    if isinstance(made, dict):
-        if not {"trunk", "block"} <= set(made) or not set(made) <= {"trunk", "block", "head"}:
-            raise DataError(
-                f"Factory {spec!r} returned a dict with keys {sorted(made)}; expected 'trunk', 'block' and "
-                f"optionally 'head'."
-            )
-        parts = {"trunk": made["trunk"], "block": made["block"], "head": made.get("head")}
-    elif isinstance(made, tuple) and len(made) == 2:
-        parts = {"trunk": made[0], "block": None, "head": made[1]}
-    else:
-        parts = {"trunk": made, "block": None, "head": None}
-    for name in ("trunk", "block"):
-        if parts[name] is not None and not isinstance(parts[name], nn.Module):
-            raise DataError(
-                f"Factory {spec!r} must return an nn.Module, (module, head) or {{'trunk', 'block', 'head'}}; "
-                f"its {name} is a {type(parts[name]).__name__}."
-            )
-    head = parts["head"]
-    if head is not None and (not isinstance(head, nn.Linear) or head.out_features != n_classes):
-        raise DataError(f"Factory {spec!r} returned a head that is not an nn.Linear(d, {n_classes}).")
-    return parts
-
-
 def _factory_backbone(spec, *, n_classes, in_channels, keep_maps, cut, device) -> PreparedBackbone:
-    parts = _call_factory(spec, n_classes=n_classes, in_channels=in_channels)
+    parts = call_factory(spec, n_classes=n_classes, in_channels=in_channels)
     head = _linear_head(parts["head"]) if parts["head"] is not None else None
     trunk, block = parts["trunk"].eval().to(device), parts["block"]
     if cut == "block":

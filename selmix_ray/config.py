@@ -2,27 +2,33 @@
 
 torch-free: the search space, the CLI's ``validate`` and the engine all check a config here.
 Every problem is collected and raised at once as one :class:`~selmix_ray.errors.ConfigError`.
+
+Each vocabulary has one home: the mixup variants are ``mixup.VARIANTS``, the post-hoc kinds
+``posthoc.KINDS``, the gain forms and Jacobians ``gain.GAIN_FORMS``/``gain.JACOBIANS`` (imported here; none of
+those modules imports torch at module level); the methods, gain scales, lr scales and devices are the
+config's own. Integers are ``int`` or numpy integers, numbers also floats, never ``bool`` (``checks``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from .checks import is_finite, is_int, is_number
 from .errors import ConfigError
+from .gain import GAIN_FORMS, JACOBIANS
+from .mixup import VARIANTS as MIXUPS
 from .objectives import get_objective
+from .posthoc import KINDS as POSTHOCS
 
 __all__ = ["FinetuneConfig"]
 
 METHODS = ("selmix", "uniform_mixup", "erm")
 GAIN_SCALES = ("max", "none")
-GAIN_FORMS = ("exact", "official")
-JACOBIANS = ("surrogate", "measured")
-MIXUPS = ("feature", "feature_soft", "cutmix", "puzzlemix")
 LR_SCALES = ("feature_norm", "none")
-POSTHOCS = ("none", "logit_adjust", "class_weights")
 DEVICES = ("auto", "cpu", "cuda")
 OBJECTIVE_PARAMS = ("omega", "beta", "alpha", "tau", "mu_max", "eps")
 # Relative rate of the top block. mnist rho=100 (60-epoch CNN), seeds 100-103, SelMix: top_lr 10 and 30 tie
@@ -62,6 +68,9 @@ class FinetuneConfig:
     seed: int = 0  # seeds numpy and torch generators of the trial
 
     def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():  # numpy scalars become Python ones (JSON-able)
+            if isinstance(value, np.generic) and not isinstance(value, np.bool_):
+                object.__setattr__(self, name, value.item())
         problems = _config_problems(dataclasses.asdict(self))
         if problems:
             raise ConfigError(problems, where="FinetuneConfig")
@@ -107,15 +116,15 @@ def _coerce(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         v = out[name]
         if name == "floor" and v is None:
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if not is_number(v):
             problems.append(f"{name} must be a number, but got {v!r}.")
         else:
             out[name] = float(v)
     for name in _INT_FIELDS:
         v = out[name]
-        if isinstance(v, float) and v.is_integer():
+        if is_int(v) or (isinstance(v, float) and v.is_integer()):
             out[name] = int(v)
-        elif isinstance(v, bool) or not isinstance(v, int):
+        else:
             problems.append(f"{name} must be an integer, but got {v!r}.")
     for name in _BOOL_FIELDS:
         if not isinstance(out[name], bool):
@@ -139,9 +148,6 @@ def _config_problems(c: dict[str, Any], *, skip: set[str] = frozenset()) -> list
         if name not in skip and not ok(c[name]):
             problems.append(f"{name} must be {rule}, but got {name}={c[name]!r}.")
 
-    def finite(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
     choice("method", METHODS)
     choice("gain_scale", GAIN_SCALES)
     choice("gain_form", GAIN_FORMS)
@@ -155,22 +161,21 @@ def _config_problems(c: dict[str, Any], *, skip: set[str] = frozenset()) -> list
         problems.append(f"device must be one of auto, cpu, cuda or cuda:N, but got {device!r}.")
     if not isinstance(c["objective"], str) or not c["objective"]:
         problems.append(f"objective must be an objective name, but got {c['objective']!r}.")
-    check("s", lambda v: finite(v) and v >= 0, ">= 0 and finite")
-    check("lambda_min", lambda v: finite(v) and 0 <= v <= 1, "in [0, 1]")
-    check("floor", lambda v: v is None or (finite(v) and 0 <= v <= 1), "None or in [0, 1]")
-    check("lr", lambda v: finite(v) and v > 0, "> 0 and finite")
-    check("top_lr", lambda v: finite(v) and v >= 0, ">= 0 and finite (0 freezes the top block)")
-    check("momentum", lambda v: finite(v) and 0 <= v < 1, "in [0, 1)")
-    check("weight_decay", lambda v: finite(v) and v >= 0, ">= 0 and finite")
-    check("pseudo_label_threshold", lambda v: finite(v) and 0 <= v <= 1, "in [0, 1]")
-    check("batch_size", lambda v: isinstance(v, int) and v >= 1, ">= 1")
-    check("steps", lambda v: isinstance(v, int) and v >= 0, ">= 0")
-    check("refresh_every", lambda v: isinstance(v, int) and v >= 1, ">= 1")
-    check("eval_every", lambda v: isinstance(v, int) and v >= 1, ">= 1")
-    check("seed", lambda v: isinstance(v, int) and v >= 0, ">= 0")
+    check("s", lambda v: is_finite(v) and v >= 0, ">= 0 and finite")
+    check("lambda_min", lambda v: is_finite(v) and 0 <= v <= 1, "in [0, 1]")
+    check("floor", lambda v: v is None or (is_finite(v) and 0 <= v <= 1), "None or in [0, 1]")
+    check("lr", lambda v: is_finite(v) and v > 0, "> 0 and finite")
+    check("top_lr", lambda v: is_finite(v) and v >= 0, ">= 0 and finite (0 freezes the top block)")
+    check("momentum", lambda v: is_finite(v) and 0 <= v < 1, "in [0, 1)")
+    check("weight_decay", lambda v: is_finite(v) and v >= 0, ">= 0 and finite")
+    check("pseudo_label_threshold", lambda v: is_finite(v) and 0 <= v <= 1, "in [0, 1]")
+    check("batch_size", lambda v: is_int(v) and v >= 1, ">= 1")
+    check("steps", lambda v: is_int(v) and v >= 0, ">= 0")
+    check("refresh_every", lambda v: is_int(v) and v >= 1, ">= 1")
+    check("eval_every", lambda v: is_int(v) and v >= 1, ">= 1")
+    check("seed", lambda v: is_int(v) and v >= 0, ">= 0")
     steps, eval_every = c["steps"], c["eval_every"]
-    if (isinstance(steps, int) and isinstance(eval_every, int) and eval_every >= 1 and steps >= 0
-            and steps % eval_every):
+    if is_int(steps) and is_int(eval_every) and eval_every >= 1 and steps >= 0 and steps % eval_every:
         problems.append(
             f"steps must be a multiple of eval_every, but got {steps=} and {eval_every=}; "
             f"use steps={(steps // eval_every + 1) * eval_every} or change eval_every."
@@ -189,7 +194,7 @@ def _config_problems(c: dict[str, Any], *, skip: set[str] = frozenset()) -> list
                 f"known keys are {', '.join(OBJECTIVE_PARAMS)}."
             )
         for key, v in params.items():
-            if key in OBJECTIVE_PARAMS and not finite(v):
+            if key in OBJECTIVE_PARAMS and not is_finite(v):
                 problems.append(f"objective_params[{key!r}] must be a finite number, but got {v!r}.")
         if not problems and isinstance(c["objective"], str) and ":" not in c["objective"]:
             # the objective checks its name and which parameters it accepts (custom ones are imported later)

@@ -19,7 +19,9 @@ arrays are moved to the device once, in their stored dtype. Evaluation runs in c
 Top-block mode (SPEC.md section 13) is on when the FeatureSet carries a block payload (``features.block``,
 from ``build_features(..., cut="block")``): the cut point comes from the features, not from the config.
 Each split's ``maps`` (n, C, H, W) are then the input of the backbone's last block, and the trial trains a
-fresh copy of that block (``backbones.build_block``) together with the head:
+fresh copy of that block (``block.build_block``) together with the head. The two modes are two model
+objects with one interface (:mod:`selmix_ray.models`: ``HeadModel``, ``TopBlockModel``), so this loop has
+no branch on the mode:
 
 - ``feature``/``feature_soft`` mix the block's outputs (penultimate features) of the two samples' maps;
   ``cutmix``/``puzzlemix`` mix the cached maps, which then go through the block; ``erm`` feeds single maps.
@@ -37,7 +39,11 @@ fresh copy of that block (``backbones.build_block``) together with the head:
   the current block, by chunks and without gradients.
 - :class:`FinetuneState` holds the block's weights and buffers and its momentum buffers: resume is exact.
 
-Importing this module needs numpy, torch and scipy only (no Ray, Optuna or pyarrow).
+Decided here: the best report is the first that reached the highest ``val/objective`` (``History.best_index``
+reads it back from ``best_step``), so a tie keeps the earlier report.
+
+Importing this module needs numpy, torch and scipy only (no Ray, Optuna or pyarrow); it imports nothing
+from the data layer (``data``, ``features``, ``backbones``).
 """
 
 from __future__ import annotations
@@ -45,21 +51,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from .checks import int_problem, is_int
 from .config import FinetuneConfig
 from .constants import METRIC_NAMES, SCORE_KEY, STEP_KEY
-from .errors import ConfigError, DataError, TrainingError
+from .device import resolve_device
+from .errors import ConfigError, TrainingError
 from .featureset import FeatureSet
-from .gain import class_centroids, gain_matrix
+from .gain import gain_matrix
 from .history import History, sparse_counts
 from .metrics import confusion_counts, joint_confusion, summarize
-from .mixup import mix, needs_maps, targets
+from .models import EVAL_CHUNK, build_model
 from .objectives import get_objective
 from .posthoc import cross_fitted_confusion, fit_correction
 from .sampling import PairSampler, distribution_stats, pair_distribution
@@ -143,15 +150,20 @@ class FinetuneState:
 
 # -- the loop ----------------------------------------------------------------------------------------
 
-EVAL_CHUNK = 8192  # rows per evaluation chunk (bounds the (chunk, K) logits in memory)
-NORM_CHUNK = 1024  # rows per chunk of the feature-norm mean behind lr_scale='feature_norm'
 BLOCK_BYTES = 32 * 2**20  # at most this much pre-drawn, mixed training data at a time
-TOP_BLOCK_EVAL_BYTES = 64 * 2**20  # top-block mode: at most this much float32 input map per evaluation chunk
 
 
 class Trainer:
-    """One trial's head (and top block), optimiser, sampler and history; ``run_until(step)`` advances it
-    report by report. Top-block mode is on when ``features.block`` is not None (module docstring).
+    """One trial's model, objective, sampler and history; ``run_until(step)`` advances it report by report.
+
+    The model is a :class:`~selmix_ray.models.HeadModel`, or a :class:`~selmix_ray.models.TopBlockModel`
+    when ``features.block`` is not None (module docstring); the loop does not depend on which.
+
+    Step-level API (what ``run_until`` is made of; benchmarks and tests use it):
+
+    - :meth:`refresh`: validation confusion -> multipliers -> gain -> P, and pseudo-labels of the pool.
+    - :meth:`train_steps`: n SGD steps with the P in force (no refresh, no report).
+    - :meth:`logits`: (n, K) logits of the current model on ``"val"`` or ``"test"``.
 
     Args:
         features: the FeatureSet (numpy arrays, never written).
@@ -162,82 +174,47 @@ class Trainer:
     def __init__(self, features: FeatureSet, config: FinetuneConfig, *, state: FinetuneState | None = None):
         self.features, self.config = features, config
         self.K = K = features.n_classes
-        self.device = _resolve_device(config.device)
-        self.uses_pairs = config.method != "erm"
-        self.uses_maps = self.uses_pairs and needs_maps(config.mixup)  # mixing happens on the cached maps
-        if self.uses_maps and not features.has_maps:
-            raise ConfigError(
-                f"mixup {config.mixup!r} needs spatial maps, but this FeatureSet has none; build the features "
-                "with keep_maps=True or use mixup='feature'."
-            )
-        self.block: torch.nn.Module | None = None  # top-block mode: the trainable last block
-        if features.block is not None:
-            if not features.has_maps:
-                raise DataError(
-                    "This FeatureSet carries a top block but not every split has maps (its input); rebuild the "
-                    "features with cut='block'."
-                )
-            from .backbones import build_block  # torchvision is imported only in top-block mode
-
-            self.block = build_block(features.block).to(self.device).eval()
+        self.device = resolve_device(config.device)
         self.train_counts = features.train_counts
         self.objective = get_objective(config.objective, train_counts=self.train_counts, **config.objective_params)
         self.scorer = get_objective(config.objective, train_counts=self.train_counts, **config.objective_params)
         self.floor = 1.0 / (K + 1) if config.floor is None else config.floor
-
-        # Shared read-only arrays as tensors (no host copy; one device copy on CUDA).
-        self.train_y = np.asarray(features.train.y, dtype=np.int64)
-        self.train_x = _tensor(features.train.x, self.device)
-        maps_needed = self.uses_maps or self.block is not None
-        self.train_maps = _tensor(features.train.maps, self.device) if maps_needed else None
-        self.val_x, self.test_x = _tensor(features.val.x, self.device), _tensor(features.test.x, self.device)
-        self.val_maps = _tensor(features.val.maps, self.device) if self.block is not None else None
-        self.test_maps = _tensor(features.test.maps, self.device) if self.block is not None else None
-        pool = features.unlabeled if self.uses_pairs and features.unlabeled is not None and len(features.unlabeled) else None
-        self.pool_x = None if pool is None else _tensor(pool.x, self.device)
-        self.pool_maps = _tensor(pool.maps, self.device) if pool is not None and maps_needed else None
-        self.centroids = None  # (K, d) float64 validation centroids (recomputed at each refresh with a block)
-        if config.method == "selmix" and self.block is None:
-            self.centroids = class_centroids(features.val.x, features.val.y, K)
-
-        self.lr = config.lr
-        self.top_lr = config.top_lr if self.block is not None else 0.0
-        if config.lr_scale == "feature_norm":
-            self.lr = config.lr / _mean_squared_norm(self.train_x)
-            if self.block is not None:
-                self.top_lr = config.top_lr / _mean_squared_norm(self.train_maps)
-        # The head and its SGD momentum buffers (explicit gradients: no autograd, no torch.optim).
-        self.weight = torch.tensor(np.asarray(features.weight), dtype=torch.float32, device=self.device)  # (K, d)
-        self.bias = torch.tensor(np.asarray(features.bias), dtype=torch.float32, device=self.device)  # (K,)
-        self.velocity = {"weight": torch.zeros_like(self.weight), "bias": torch.zeros_like(self.bias)}
-        if self.block is not None:
-            self._check_block_output(features.dim)
-            for name, param in self.block.named_parameters():
-                self.velocity[f"block.{name}"] = torch.zeros_like(param)
         self.rng = np.random.default_rng(config.seed)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.sampler = PairSampler(self.train_y, n_classes=K, rng=self.rng) if self.uses_pairs else None
+        train_y = np.asarray(features.train.y, dtype=np.int64)
+        self.sampler = None if config.method == "erm" else PairSampler(train_y, n_classes=K, rng=self.rng)
+        self.model = build_model(features, config, device=self.device, rng=self.rng, generator=self.generator,
+                                 sampler=self.sampler)
 
         self.step = 0
         self.refreshed_at = -1
+        self.centroids: np.ndarray | None = None  # (K, d) float64 validation centroids of the last refresh
         self.pseudo_labels: np.ndarray | None = None
         self.P: np.ndarray | None = None
         self.diagnostics = {"p_entropy": math.nan, "p_max": math.nan, "g_max": math.nan}
-        meta = {"config": config.to_dict(), "n_classes": K, "lr_effective": self.lr, "device": str(self.device),
-                "train_counts": self.train_counts.tolist()}
-        if self.block is not None:
-            meta.update(cut="block", top_lr_effective=self.top_lr)
+        meta = {"config": config.to_dict(), "n_classes": K, "lr_effective": self.model.lr,
+                "device": str(self.device), "train_counts": self.train_counts.tolist(), **self.model.meta}
         self.history = History(meta=meta)
-        self._val_cache: tuple[int, Any] | None = None  # (step, validation outputs) shared within a step
-        self._val_features_cache: tuple[int, torch.Tensor] | None = None  # top-block mode: (step, (n_val, d))
-        self._checked_at = 0  # step of the last finiteness check of the head
-        if self.block is not None:  # anchor and partner maps of every drawn sample (or one mixed map)
-            row_bytes = 4 * (self.K + 2 * int(np.prod(self.train_maps.shape[1:])))
-        else:
-            row_bytes = 4 * (self.K + (int(np.prod(self.train_maps.shape[1:])) if self.uses_maps else features.dim))
-        self.max_block = max(1, BLOCK_BYTES // (row_bytes * config.batch_size))  # steps drawn at once
+        self._val_cache: tuple[int, Any] | None = None  # (step, validation logits) shared within a step
+        self._checked_at = 0  # step of the last finiteness check of the model
+        self.max_block = max(1, BLOCK_BYTES // (self.model.row_bytes * config.batch_size))  # steps drawn at once
         if state is not None:
             self._load(state)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """(K, d) float32 head weight (the model's, on its device)."""
+        return self.model.weight
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """(K,) float32 head bias."""
+        return self.model.bias
+
+    @property
+    def block(self) -> torch.nn.Module | None:
+        """The trainable top block (top-block mode), else None."""
+        return self.model.block
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -258,17 +235,40 @@ class Trainer:
             if self.step == target:
                 break
             next_refresh = (self.step // config.refresh_every + 1) * config.refresh_every
-            self._train_block(min(next_refresh, target, self.step + self.max_block) - self.step)
+            self._train(min(next_refresh, target, self.step + self.max_block) - self.step)
         return self._report()
+
+    def refresh(self) -> None:
+        """Refresh now, validation pass included (even if this step's validation logits are known)."""
+        self._val_cache = None
+        self._refresh()
+
+    def train_steps(self, n: int) -> None:
+        """``n`` SGD steps with the P and pseudo-labels in force, drawn ``max_block`` steps at a time; no
+        refresh and no report (``run_until`` interleaves those)."""
+        if not is_int(n) or n < 0 or self.step + n > self.config.steps:
+            raise ValueError(f"n must be an integer in [0, steps - step] = [0, {self.config.steps - self.step}], "
+                             f"but got {n=}.")
+        end = self.step + n
+        while self.step < end:
+            self._train(min(end - self.step, self.max_block))
+
+    def logits(self, split: str = "val") -> np.ndarray:
+        """(n, K) float32 logits of the current model on ``"val"`` or ``"test"`` (validation: once per step)."""
+        if split == "test":
+            return _logits(self.model.features("test"), self.weight, self.bias)
+        if split != "val":
+            raise ValueError(f"split must be 'val' or 'test', but got {split=!r}.")
+        if self._val_cache is None or self._val_cache[0] != self.step:
+            self._val_cache = (self.step, _logits(self.model.features("val"), self.weight, self.bias))
+        return self._val_cache[1]
 
     def state(self) -> FinetuneState:
         """A snapshot that resumes this trial exactly (CPU copies)."""
         return FinetuneState(
             step=self.step,
             refreshed_at=self.refreshed_at,
-            weight=self.weight.cpu().clone(),
-            bias=self.bias.cpu().clone(),
-            velocity={name: v.cpu().clone() for name, v in self.velocity.items()},
+            **self.model.state(),
             numpy_rng=self.rng.bit_generator.state,
             torch_rng=self.generator.get_state(),
             objective=self.objective.state_dict(),
@@ -277,136 +277,26 @@ class Trainer:
             diagnostics=dict(self.diagnostics),
             history=History.from_json(self.history.to_json()),
             config=self.config.to_dict(),
-            block_state=None if self.block is None else {
-                name: value.detach().cpu().clone() for name, value in self.block.state_dict().items()},
         )
 
     # -- steps of the loop -------------------------------------------------------------------------
 
-    def _train_block(self, n_steps: int) -> None:
-        """``n_steps`` SGD steps within one refresh interval, never across a report.
-
-        P, the pseudo-labels and the mixing do not depend on the head, so the block's batches are drawn,
-        gathered and mixed at once (fewer, larger tensor operations); only the SGD steps run one by one.
-        """
-        B = self.config.batch_size
-        if self.block is not None:
-            (anchor, partner, lam), target = self._draw_block_batches(n_steps * B)
-            for k in range(n_steps):
-                rows = slice(k * B, (k + 1) * B)
-                self._block_sgd_step(anchor[rows], None if partner is None else partner[rows],
-                                     None if lam is None else lam[rows], target[rows])
-                self.step += 1
-            return
-        z, target = self._draw_batches(n_steps * B)  # (n B, d), (n B, K)
-        for k in range(n_steps):
-            self._sgd_step(z[k * B:(k + 1) * B], target[k * B:(k + 1) * B])
+    def _train(self, n_steps: int) -> None:
+        """``n_steps`` SGD steps from one draw (P, the pseudo-labels and the mixing do not depend on the
+        model, so a refresh interval's batches are drawn, gathered and mixed at once)."""
+        B, step = self.config.batch_size, self.model.step
+        for batch in self.model.draw(n_steps * B).split(B):
+            step(batch, self.step)
             self.step += 1
-
-    def _draw_batches(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """n training inputs (n, d) float32 and their targets (n, K): mixed pairs, or instances for erm."""
-        config = self.config
-        if config.method == "erm":
-            index = self.rng.integers(0, len(self.train_y), size=n)
-            labels = torch.from_numpy(self.train_y[index]).to(self.device)
-            return _rows(self.train_x, index, self.device).float(), torch.nn.functional.one_hot(labels, self.K).float()
-        batch = self.sampler.sample(n)
-        train, pool = (self.train_maps, self.pool_maps) if self.uses_maps else (self.train_x, self.pool_x)
-        a = _rows(train, batch.anchor_index, self.device).float()  # (n, d) or (n, C, H, W)
-        b = _partners(train, pool, batch.partner_index, batch.partner_from_pool, self.device)
-        lam = torch.rand(n, generator=self.generator, device=self.device)
-        lam = config.lambda_min + (1.0 - config.lambda_min) * lam  # U(lambda_min, 1)
-        mixed, lam_eff = mix(config.mixup, a, b, lam, generator=self.generator)
-        z = mixed.mean(dim=(2, 3)) if self.uses_maps else mixed  # head = global pool + linear
-        pairs = torch.from_numpy(batch.pairs).to(self.device)
-        return z, targets(config.mixup, pairs[:, 0], pairs[:, 1], lam_eff, self.K).float()
-
-    def _draw_block_batches(self, n: int):
-        """Top-block mode: n training samples as ((anchor, partner, lam), targets (n, K)).
-
-        ``anchor`` (n, C, H, W) float32 maps; for ``feature``/``feature_soft`` ``partner`` (n, C, H, W) and
-        ``lam`` (n,) say how the block's outputs are mixed; for ``cutmix``/``puzzlemix`` the maps are
-        already mixed and ``erm`` draws single instances (``partner`` and ``lam`` None). The random draws
-        are those of :meth:`_draw_batches`, in the same order.
-        """
-        config = self.config
-        if config.method == "erm":
-            index = self.rng.integers(0, len(self.train_y), size=n)
-            labels = torch.from_numpy(self.train_y[index]).to(self.device)
-            maps = _rows(self.train_maps, index, self.device).float()
-            return (maps, None, None), torch.nn.functional.one_hot(labels, self.K).float()
-        batch = self.sampler.sample(n)
-        a = _rows(self.train_maps, batch.anchor_index, self.device).float()  # (n, C, H, W)
-        b = _partners(self.train_maps, self.pool_maps, batch.partner_index, batch.partner_from_pool, self.device)
-        lam = torch.rand(n, generator=self.generator, device=self.device)
-        lam = config.lambda_min + (1.0 - config.lambda_min) * lam  # U(lambda_min, 1)
-        pairs = torch.from_numpy(batch.pairs).to(self.device)
-        if self.uses_maps:
-            mixed, lam_eff = mix(config.mixup, a, b, lam, generator=self.generator)
-            return (mixed, None, None), targets(config.mixup, pairs[:, 0], pairs[:, 1], lam_eff, self.K).float()
-        return (a, b, lam), targets(config.mixup, pairs[:, 0], pairs[:, 1], lam, self.K).float()
-
-    def _block_sgd_step(self, anchor, partner, lam, target) -> None:
-        """One SGD step of the head and the top block (see :meth:`_draw_block_batches` for the inputs).
-
-        The head's gradient is explicit as in :meth:`_sgd_step`; the block's comes from autograd, by
-        back-propagating d(mean CE)/dz = residual @ W through the block (and the feature mixing).
-        """
-        config, B = self.config, anchor.shape[0]
-        params = dict(self.block.named_parameters())
-        with torch.enable_grad():
-            if partner is None:
-                z = self.block(anchor)  # (B, d)
-            else:
-                both = self.block(torch.cat([anchor, partner]))  # one pass over the 2 B maps
-                z, _ = mix(config.mixup, both[:B], both[B:], lam, generator=self.generator)
-            probs = torch.softmax(torch.nn.functional.linear(z.detach(), self.weight, self.bias), dim=1)
-            residual = probs.sub_(target).div_(B)  # (B, K)
-            block_grads = torch.autograd.grad(z, list(params.values()), grad_outputs=residual @ self.weight)
-        z = z.detach()
-        grads = {"weight": residual.T @ z, "bias": residual.sum(dim=0)}
-        grads.update({f"block.{name}": g for name, g in zip(params, block_grads)})
-        cosine = 0.5 * (1.0 + math.cos(math.pi * self.step / config.steps))
-        with torch.no_grad():
-            for name, param in (("weight", self.weight), ("bias", self.bias),
-                                *((f"block.{n}", p) for n, p in params.items())):
-                if name == "bias" and not config.train_bias:
-                    continue
-                grad = grads[name].add_(param, alpha=config.weight_decay)  # as torch.optim.SGD (dampening 0)
-                if config.momentum:
-                    grad = self.velocity[name].mul_(config.momentum).add_(grad)
-                lr = self.top_lr if name.startswith("block.") else self.lr
-                param.add_(grad, alpha=-lr * cosine)
-
-    def _sgd_step(self, z: torch.Tensor, target: torch.Tensor) -> None:
-        """One SGD step of cross-entropy on (B, d) inputs and (B, K) targets; cosine lr over ``steps``.
-
-        The gradient is explicit: d(mean CE)/d(logits) = (softmax - target) / B. A NaN/inf loss makes the
-        head NaN/inf, which ``_check_finite`` catches at the next refresh or report.
-        """
-        config, B = self.config, z.shape[0]
-        probs = torch.softmax(torch.nn.functional.linear(z, self.weight, self.bias), dim=1)  # (B, K)
-        residual = probs.sub_(target).div_(B)  # (B, K)
-        grads = {"weight": residual.T @ z, "bias": residual.sum(dim=0)}
-        lr = self.lr * 0.5 * (1.0 + math.cos(math.pi * self.step / config.steps))
-        for name, param in (("weight", self.weight), ("bias", self.bias)):
-            if name == "bias" and not config.train_bias:
-                continue
-            grad = grads[name].add_(param, alpha=config.weight_decay)  # as torch.optim.SGD (dampening 0)
-            if config.momentum:
-                grad = self.velocity[name].mul_(config.momentum).add_(grad)
-            param.add_(grad, alpha=-lr)
 
     def _refresh(self) -> None:
         """Validation confusion -> multipliers -> gain -> P, and pseudo-labels of the pool."""
         self._check_finite()
         config, K = self.config, self.K
         if config.method == "selmix":
-            C = joint_confusion(confusion_counts(self.features.val.y, self._val_predictions(), K))
+            C = joint_confusion(confusion_counts(self.features.val.y, self.logits("val").argmax(axis=1), K))
             self.objective.update(C)
-            if self.block is not None:  # the features move with the block
-                self.centroids = class_centroids(self._val_features().double().cpu().numpy(),
-                                                 self.features.val.y, K)
+            self.centroids = self.model.centroids()
             weight = self.weight.detach().cpu().double().numpy()
             bias = self.bias.detach().cpu().double().numpy()
             G = gain_matrix(
@@ -420,7 +310,7 @@ class Trainer:
         elif config.method == "uniform_mixup" and self.P is None:
             self.P = np.full((K, K), 1.0 / (K * K))
             self.diagnostics = {**distribution_stats(self.P), "g_max": math.nan}
-        if self.pool_x is not None:
+        if self.model.has_pool:
             predictions, confidence = self._pool_predictions()
             self.pseudo_labels = np.where(confidence >= config.pseudo_label_threshold, predictions, -1)
         self._install_sampler()
@@ -433,11 +323,10 @@ class Trainer:
         val_y, test_y = self.features.val.y, self.features.test.y
         splits = {}
         if config.posthoc == "none":
-            splits["val"] = confusion_counts(val_y, self._val_predictions(), K)
-            splits["test"] = confusion_counts(test_y, _predict(self._test_features(), self.weight, self.bias), K)
+            splits["val"] = confusion_counts(val_y, self.logits("val").argmax(axis=1), K)
+            splits["test"] = confusion_counts(test_y, _predict(self.model.features("test"), self.weight, self.bias), K)
         else:
-            val_logits = self._val_logits()
-            test_logits = _logits(self._test_features(), self.weight, self.bias)
+            val_logits, test_logits = self.logits("val"), self.logits("test")
             splits["val_raw"] = confusion_counts(val_y, val_logits.argmax(axis=1), K)
             splits["test_raw"] = confusion_counts(test_y, test_logits.argmax(axis=1), K)
             # val/*: cross-fitted on validation halves; test/*: the correction fitted on all of validation.
@@ -463,7 +352,8 @@ class Trainer:
                 metrics[f"{prefix}/{m}"] = float(summary[m])
             record[name] = {"recall": summary["recall"].tolist(), "counts": sparse_counts(splits[name])}
 
-        best = self._best_record()
+        # the best report: the first that reached the best validation objective (History.best_index)
+        best = self.history.records[self.history.best_index()] if self.history.records else None
         if best is None or metrics["val/objective"] > best["metrics"]["val/objective"]:
             best = record
             self.history.best_p = None if self.P is None else self.P.astype(np.float32)
@@ -477,54 +367,10 @@ class Trainer:
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    def _best_record(self) -> dict | None:
-        best = None
-        for record in self.history.records:  # the first report that reached the best value
-            if best is None or record["metrics"]["val/objective"] > best["metrics"]["val/objective"]:
-                best = record
-        return best
-
-    def _val_logits(self) -> np.ndarray:
-        """(n_val, K) float32 logits of the current head, computed once per step (refresh and report)."""
-        if self._val_cache is None or self._val_cache[0] != self.step:
-            self._val_cache = (self.step, _logits(self._val_features(), self.weight, self.bias))
-        return self._val_cache[1]
-
-    def _val_features(self) -> torch.Tensor:
-        """(n_val, d) validation features: the cached ``x``, or (top block) the current block's, once per step."""
-        if self.block is None:
-            return self.val_x
-        if self._val_features_cache is None or self._val_features_cache[0] != self.step:
-            self._val_features_cache = (self.step, self._block_features(self.val_maps))
-        return self._val_features_cache[1]
-
-    def _test_features(self) -> torch.Tensor:
-        """(n_test, d) test features: the cached ``x``, or the current block's outputs on the test maps."""
-        return self.test_x if self.block is None else self._block_features(self.test_maps)
-
-    def _block_features(self, maps: torch.Tensor) -> torch.Tensor:
-        """(n, d) float32 outputs of the current block on (n, C, H, W) maps, by chunks, without gradients."""
-        rows = max(1, TOP_BLOCK_EVAL_BYTES // (4 * int(np.prod(maps.shape[1:]))))
-        with torch.no_grad():
-            parts = [self.block(maps[s:s + rows].to(self.device).float()) for s in range(0, maps.shape[0], rows)]
-        return torch.cat(parts)
-
-    def _check_block_output(self, dim: int) -> None:
-        """The block must map a cached map to the head's d features (checked on one training map)."""
-        shape = tuple(self._block_features(self.train_maps[:1]).shape)
-        if shape != (1, dim):
-            raise DataError(
-                f"The top block maps a cached map to features of shape {shape[1:]}, but the head expects ({dim},); "
-                "the FeatureSet's block payload and its x/weight disagree: rebuild the features with cut='block'."
-            )
-
-    def _val_predictions(self) -> np.ndarray:
-        return self._val_logits().argmax(axis=1)
-
     def _pool_predictions(self) -> tuple[np.ndarray, np.ndarray]:
         """Arg-max class (m,) and its softmax probability (m,) on the unlabeled pool, by chunks."""
         predictions, confidence = [], []
-        pool_x = self.pool_x if self.block is None else self._block_features(self.pool_maps)
+        pool_x = self.model.features("pool")
         with torch.no_grad():
             for start in range(0, pool_x.shape[0], EVAL_CHUNK):
                 logits = torch.nn.functional.linear(pool_x[start:start + EVAL_CHUNK].float(), self.weight,
@@ -537,21 +383,17 @@ class Trainer:
     def _install_sampler(self) -> None:
         if self.sampler is None:
             return
-        if self.pool_x is not None:
+        if self.model.has_pool:
             self.sampler.set_pool_labels(self.pseudo_labels)
         if self.P is not None:
             self.sampler.set_distribution(self.P)
 
     def _check_finite(self) -> None:
-        """Raise TrainingError if the head (hence some loss since the last check) is NaN/inf."""
-        total = self.weight.sum() + self.bias.sum()  # any NaN/inf makes the sum NaN/inf
-        if self.block is not None:
-            total = total + sum(param.detach().sum() for param in self.block.parameters())
-        if not math.isfinite(float(total)):
-            top = f", top_lr={self.config.top_lr}" if self.block is not None else ""
+        """Raise TrainingError if the model (hence some loss since the last check) is NaN/inf."""
+        if not self.model.is_finite():
             raise TrainingError(
                 f"Training diverged: the loss and the head became NaN/inf between steps {self._checked_at} and "
-                f"{self.step} (lr={self.config.lr}{top}, effective lr={self.lr:.3g}, method={self.config.method!r}). "
+                f"{self.step} ({self.model.describe_rates()}, method={self.config.method!r}). "
                 "Lower lr (or top_lr), keep lr_scale='feature_norm', or check the features for NaN/inf."
             )
         self._checked_at = self.step
@@ -567,23 +409,7 @@ class Trainer:
                 f"Cannot resume: the state was saved with a different config (fields {', '.join(changed)} differ). "
                 "Resume with the config that wrote the state."
             )
-        if tuple(state.weight.shape) != tuple(self.weight.shape):
-            raise DataError(
-                f"Cannot resume: the state's head has shape {tuple(state.weight.shape)}, these features need "
-                f"{tuple(self.weight.shape)}."
-            )
-        if (state.block_state is None) != (self.block is None):
-            saved, here = ("a top block", "none") if self.block is None else ("no top block", "one")
-            raise DataError(
-                f"Cannot resume: the state was saved with {saved}, these features have {here}; resume on the "
-                "features (cut) that wrote the state."
-            )
-        self.weight.copy_(state.weight)
-        self.bias.copy_(state.bias)
-        if self.block is not None:
-            self.block.load_state_dict(state.block_state, strict=True)
-        for name, velocity in self.velocity.items():
-            velocity.copy_(state.velocity[name])
+        self.model.load(weight=state.weight, bias=state.bias, velocity=state.velocity, block_state=state.block_state)
         self.rng.bit_generator.state = state.numpy_rng
         self.generator.set_state(state.torch_rng)
         self.objective.load_state_dict(state.objective)
@@ -637,8 +463,8 @@ def finetune_repeats(
     ``report`` receives the mean of each scalar over the copies; ``checkpoint`` the list of the copies'
     states (pass it back as ``state`` to resume). Returns each copy's History.
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ConfigError(f"repeats must be an integer >= 1, but got {repeats=}.")
+    if int_problem("repeats", repeats, minimum=1):
+        raise ConfigError(int_problem("repeats", repeats, minimum=1))
     states = list(state) if state is not None else [None] * repeats
     if len(states) != repeats:
         raise ConfigError(f"state holds {len(states)} copies, but {repeats=}; resume with the same repeats.")
@@ -655,44 +481,7 @@ def finetune_repeats(
     return [trainer.history for trainer in trainers]
 
 
-# -- tensors -----------------------------------------------------------------------------------------
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} was asked for, but CUDA is not available; use device='auto' or 'cpu'.")
-    return torch.device(name)
-
-
-def _tensor(array: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
-    """Wrap a (possibly read-only) numpy array without copying; on CUDA, one copy onto the device."""
-    if array is None:
-        return None
-    with warnings.catch_warnings():  # read-only shared memory: we never write to it
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        tensor = torch.from_numpy(np.asarray(array))
-    return tensor if device.type == "cpu" else tensor.to(device)
-
-
-def _rows(x: torch.Tensor, index: np.ndarray, device: torch.device) -> torch.Tensor:
-    """x[index] (a copy of the batch only), on ``device`` (x lives there already, or on the CPU)."""
-    index = torch.from_numpy(np.asarray(index, dtype=np.int64))
-    if x.device.type != "cpu":
-        index = index.to(x.device, non_blocking=True)
-    return x.index_select(0, index).to(device)
-
-
-def _partners(train, pool, index, from_pool, device) -> torch.Tensor:
-    """Partner rows (B, ...) float32: from the pool where ``from_pool``, else from the labeled set."""
-    if pool is None or not from_pool.any():
-        return _rows(train, index, device).float()
-    out = torch.empty((len(index),) + tuple(train.shape[1:]), dtype=torch.float32, device=device)
-    mask = torch.from_numpy(from_pool).to(device)
-    out[mask] = _rows(pool, index[from_pool], device).float()
-    out[~mask] = _rows(train, index[~from_pool], device).float()
-    return out
+# -- evaluation ------------------------------------------------------------------------------------
 
 
 def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> np.ndarray:
@@ -709,24 +498,3 @@ def _predict(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> np.nd
         parts = [torch.nn.functional.linear(x[s:s + EVAL_CHUNK].float(), weight, bias).argmax(dim=1).cpu()
                  for s in range(0, x.shape[0], EVAL_CHUNK)]
     return torch.cat(parts).numpy()
-
-
-def _mean_squared_norm(x: torch.Tensor) -> float:
-    """mean ||z||^2 over the rows of x: float32 per row, summed in float64 by chunks of NORM_CHUNK rows.
-
-    Small chunks keep the transient copy to a few MiB even for (n, C, H, W) maps (float64 chunks of 8192
-    rows, as before, left 4 Ray trial workers at 1.41x the feature bytes above a 1 MiB-feature worker;
-    this gives 1.12x: ``benchmarks/bench_sweep.py memory``).
-    """
-    total = 0.0
-    for s in range(0, x.shape[0], NORM_CHUNK):
-        chunk = x[s:s + NORM_CHUNK].float().flatten(1)  # (rows, d) or (rows, C*H*W)
-        total += float(torch.linalg.vector_norm(chunk, dim=1).double().square().sum())
-    mean = total / max(x.shape[0], 1)
-    if not mean > 0 or not math.isfinite(mean):
-        raise DataError(
-            f"lr_scale='feature_norm' needs a finite positive mean squared feature norm, but got {mean!r}; "
-            "check the training features or use lr_scale='none'."
-        )
-    return mean
-

@@ -20,12 +20,12 @@ import tempfile
 import time
 import uuid
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .backbone_spec import CUTS, CNNSettings, backbone_kind
 from .data import DATASET_DEFAULTS, DATASETS, plan_splits, root_identity
 from .errors import ConfigError, DataError
 from .featureset import FeatureSet, Split
@@ -50,7 +50,6 @@ CACHE_FORMAT = 1  # bump when the on-disk layout changes
 MANIFEST = "manifest.json"
 META = "meta.json"
 DTYPES = ("float32", "float16")
-CUTS = ("penultimate", "block")  # where the frozen part ends (SPEC.md section 13)
 MAPS_FLOAT16_ABOVE_BYTES = 1 << 30  # maps_dtype="auto": float16 maps when float32 ones would exceed 1 GiB
 BLOCK_FILE = "block.npz"  # the top block's initial state_dict (cut="block")
 
@@ -91,51 +90,6 @@ OPTION_DEFAULTS: dict[str, Any] = {
 }
 _EXECUTION_OPTIONS = ("device", "batch_size", "num_threads", "progress", "verify")
 _CNN_OPTIONS = ("epochs", "lr", "weight_decay", "width", "feature_dim", "train_batch_size", "augment")
-
-
-def backbone_kind(spec: str) -> str:
-    """``"cnn"``, ``"identity"``, ``"factory"`` (``package.module:function``) or ``"torchvision"``."""
-    if spec in ("cnn", "identity"):
-        return spec
-    if ":" in spec:
-        return "factory"
-    return "torchvision"
-
-
-@dataclass(frozen=True)
-class CNNSettings:
-    """ERM training of the in-process CNN (part of the cache key; the defaults of OPTION_DEFAULTS)."""
-
-    # Passes over the long-tailed labeled split. Measured on mnist rho=100, seeds 100-104, with
-    # benchmarks/probe_features.py (test min recall of the backbone's head / after post-hoc class weights
-    # fitted on validation; mean of 5 seeds): 20 epochs 0.00 / 0.55, 40: 0.05 / 0.71, 60: 0.37 / 0.81,
-    # 80: 0.47 / 0.81; 40 epochs of batch 32: 0.11 / 0.80; width 32 at 20 epochs 0.00 / 0.66. Cold
-    # build (training + extraction) of the default, machine loaded by other jobs: 44 s (20 epochs: 23 s).
-    epochs: int = 60
-    lr: float = 6e-3  # Adam learning rate, cosine-decayed to 0 (at 20 epochs, 2e-3: mean test recall 0.44 vs 0.54, mnist rho=100)
-    weight_decay: float = 5e-4  # Adam (L2) weight decay
-    width: int = 16  # channels of the first block; the second has 2 * width
-    feature_dim: int | None = None  # channels of the last block = feature dimension d (None: 4 * width)
-    train_batch_size: int = 64  # SGD batch size while training
-    augment: bool = True  # random shifts of up to 1/8 of the image side while training
-
-    def check(self) -> list[str]:
-        """Every problem with these settings, one sentence each (empty when valid)."""
-        problems = []
-        for name in ("epochs", "width", "train_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                problems.append(f"{name} must be an integer >= 1, but got {name}={value!r}.")
-        d = self.feature_dim
-        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
-            problems.append(f"feature_dim must be None or an integer >= 1, but got feature_dim={d!r}.")
-        if not isinstance(self.augment, bool):
-            problems.append(f"augment must be True or False, but got augment={self.augment!r}.")
-        for name in ("lr", "weight_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-                problems.append(f"{name} must be a finite number >= 0, but got {name}={value!r}.")
-        return problems
 
 
 def default_cache_dir() -> Path:
@@ -544,7 +498,7 @@ def _fields_of(features: FeatureSet) -> dict:
 
 def _build(dataset: str, *, rho, backbone: str, seed: int, options: dict) -> FeatureSet:
     """Cold path: read the data, split, prepare the backbone, extract every split, fit the head."""
-    from .backbones import resolve_device, torch_threads
+    from .device import resolve_device, torch_threads
 
     device = resolve_device(options["device"])
     threads = options["num_threads"]
@@ -655,7 +609,7 @@ def _make_transform(options: dict):
     """(m, C, H, W) float32 in [0, 1] -> what the backbone sees (resize, then normalisation)."""
     import torch
 
-    from .backbones import IMAGENET_MEAN, IMAGENET_STD
+    from .backbone_spec import IMAGENET_MEAN, IMAGENET_STD
 
     size, normalize = options["image_size"], options["normalize"]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .checks import is_number
 from .errors import ConfigError, DataError, UndefinedMetricError
 from .metrics import joint_confusion
 from .objectives import Objective, get_objective
@@ -141,7 +142,7 @@ def _check_head(centroids, weight, bias, n_classes: int | None = None):
 
 def _check_options(lambda_min, form, jacobian, target) -> None:
     problems = []
-    if isinstance(lambda_min, bool) or not isinstance(lambda_min, (int, float, np.integer, np.floating)):
+    if not is_number(lambda_min):
         problems.append(f"lambda_min must be a number in [0, 1], but got {lambda_min=}.")
     elif not 0.0 <= lambda_min <= 1.0:
         problems.append(f"lambda_min must be in [0, 1], but got {lambda_min=}.")

@@ -49,16 +49,23 @@ How this differs from the original PuzzleMix (Kim, Choo and Song, ICML 2020):
 With a frozen trunk and a pooled linear head the layout of the last map is invisible to the head (pooling
 forgets positions), so ``cutmix`` and ``puzzlemix`` differ from ``feature`` only through which cells are
 mixed; they matter in top-block mode (SPEC.md section 13).
+
+Decided here (issue 14): this module is the one home of the variant names (:data:`VARIANTS`,
+:data:`MAP_VARIANTS`, :func:`needs_maps`), which the torch-free ``config`` and ``space`` read; so torch is
+imported inside the functions that mix tensors, never at module level.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["VARIANTS", "needs_maps", "mix", "targets"]
 
@@ -85,6 +92,8 @@ def needs_maps(variant: str) -> bool:
 
 def _uniform(size: int, generator: torch.Generator) -> torch.Tensor:
     """(size,) float64 U[0, 1) on the generator's device."""
+    import torch
+
     return torch.rand(size, generator=generator, device=generator.device, dtype=torch.float64)
 
 
@@ -104,6 +113,8 @@ def mix(
         (mixed, lam_eff): ``mixed`` has ``a``'s shape, dtype and device; ``lam_eff`` (B,) is the actual
         fraction of ``a`` in each mixture (``lam`` itself for feature variants), dtype of ``lam``.
     """
+    import torch
+
     _check_variant(variant)
     if a.shape != b.shape:
         raise DataError(f"mix needs a and b of the same shape, but got {tuple(a.shape)} and {tuple(b.shape)}.")
@@ -137,6 +148,8 @@ def targets(
     for ``feature_soft``. ``i``, ``j``: (B,) integer class indices; ``lam_eff``: (B,) from :func:`mix`.
     Dtype of ``lam_eff``, device of ``i``.
     """
+    import torch
+
     _check_variant(variant)
     if i.shape != j.shape or i.ndim != 1 or lam_eff.shape != i.shape:
         raise DataError(
@@ -175,6 +188,8 @@ def _box_table(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 def _cutmix_mask(shape: torch.Size, lam: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """(B, H, W) bool on the generator's device: True where the position is taken from ``b``."""
+    import torch
+
     batch, _, height, width = shape
     device = generator.device
     areas, heights, widths = (torch.as_tensor(t, device=device) for t in _box_table(height, width))
@@ -200,6 +215,8 @@ def _cutmix_mask(shape: torch.Size, lam: torch.Tensor, generator: torch.Generato
 
 def _saliency(maps: torch.Tensor) -> np.ndarray:
     """(B, H, W) float64: channel-wise L2 norm, divided by its mean over positions (0 for a zero map)."""
+    import torch
+
     norm = torch.linalg.vector_norm(maps.detach().to(torch.float64), dim=1).cpu().numpy()
     mean = norm.mean(axis=(1, 2), keepdims=True)
     return np.divide(norm, mean, out=np.zeros_like(norm), where=mean > 0)
@@ -254,6 +271,7 @@ def _puzzlemix(
     a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixed maps (B, C, H, W) and the mask (B, H, W) bool on a's device (True = cell from b)."""
+    import torch
     from scipy.optimize import linear_sum_assignment
 
     batch, channels, height, width = a.shape

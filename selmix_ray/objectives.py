@@ -26,6 +26,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from .checks import is_number
 from .errors import ConfigError, DataError
 from .metrics import head_mask, joint_confusion, metric_values
 
@@ -48,35 +49,15 @@ __all__ = [
 DEFAULT_EPS = 1e-3  # recall floor in surrogate and grad
 
 
-def _check_positive(name: str, value: float) -> str | None:
-    return None if value > 0 else f"{name} must be > 0, but got {name}={value!r}."
-
-
-def _check_non_negative(name: str, value: float) -> str | None:
-    return None if value >= 0 else f"{name} must be >= 0, but got {name}={value!r}."
-
-
-def _check_unit_open(name: str, value: float) -> str | None:
-    return None if 0 < value < 1 else f"{name} must be in (0, 1), but got {name}={value!r}."
-
-
-def _check_alpha(name: str, value: float) -> str | None:
-    if 0 < value <= 1:
-        return None
-    return (
-        f"{name} must be in (0, 1] (each constrained coverage must reach alpha/K, and K coverages sum "
-        f"to 1), but got {name}={value!r}."
-    )
-
-
-# Every numeric parameter an objective may accept, with its range check.
-_PARAM_CHECKS: dict[str, Callable[[str, float], str | None]] = {
-    "eps": _check_unit_open,
-    "omega": _check_non_negative,
-    "beta": _check_non_negative,
-    "alpha": _check_alpha,
-    "tau": _check_positive,
-    "mu_max": _check_non_negative,
+# Every numeric parameter an objective may accept: (test of its value, the rule in words).
+_PARAM_RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "eps": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "omega": (lambda v: v >= 0, ">= 0"),
+    "beta": (lambda v: v >= 0, ">= 0"),
+    "alpha": (lambda v: 0 < v <= 1, "in (0, 1] (each constrained coverage must reach alpha/K, and K coverages "
+                                    "sum to 1)"),
+    "tau": (lambda v: v > 0, "> 0"),
+    "mu_max": (lambda v: v >= 0, ">= 0"),
 }
 
 
@@ -120,7 +101,7 @@ class Objective:
         for key, value in params.items():
             if key not in self.defaults:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            if not is_number(value):
                 problems.append(f"{key} must be a number, but got {key}={value!r}.")
                 continue
             if not math.isfinite(value):
@@ -128,9 +109,9 @@ class Objective:
                 continue
             values[key] = float(value)
         for key, value in values.items():
-            problem = _PARAM_CHECKS[key](key, value) if isinstance(value, float) else None
-            if problem:
-                problems.append(problem)
+            in_range, rule = _PARAM_RANGES[key]
+            if isinstance(value, float) and not in_range(value):
+                problems.append(f"{key} must be {rule}, but got {key}={value!r}.")
         if problems:
             raise ConfigError(problems, where=f"objective {self.name!r}")
         self.params: dict[str, float] = values
@@ -236,6 +217,22 @@ def _checked_array(state: dict, key: str, owner: str) -> np.ndarray | None:
     return values
 
 
+class _Multiplied(Objective):
+    """An objective with multipliers (K,) or (2,), created at the first K seen and saved under ``state_key``."""
+
+    state_key: ClassVar[str] = "lambda"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.multipliers: np.ndarray | None = None
+
+    def state_dict(self):
+        return {self.state_key: None if self.multipliers is None else self.multipliers.tolist()}
+
+    def load_state_dict(self, state):
+        self.multipliers = _checked_array(state, self.state_key, self.name)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Recall objectives
 
@@ -252,18 +249,14 @@ class MeanRecall(Objective):
         return _diagonal(1.0 / (len(prior) * prior))
 
 
-class MinRecall(Objective):
+class MinRecall(_Multiplied):
     """Worst-class recall, through M = sum_k lambda_k r_k with lambda on the simplex.
 
     Update: lambda <- normalise(lambda^beta * exp(-omega r)), lambda_0 = 1/K.
     """
 
     name = "min_recall"
-    defaults = {"eps": DEFAULT_EPS, "omega": 50.0, "beta": 0.0}
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.multipliers: np.ndarray | None = None  # lambda, (K,)
+    defaults = {"eps": DEFAULT_EPS, "omega": 50.0, "beta": 0.0}  # multipliers: lambda, (K,)
 
     def _init_multipliers(self, n_classes):
         if self.multipliers is None:
@@ -284,14 +277,8 @@ class MinRecall(Objective):
         weights = np.exp(log_weights - log_weights.max())
         self.multipliers = weights / weights.sum()
 
-    def state_dict(self):
-        return {"lambda": None if self.multipliers is None else self.multipliers.tolist()}
 
-    def load_state_dict(self, state):
-        self.multipliers = _checked_array(state, "lambda", self.name)
-
-
-class MinHeadTailRecall(Objective):
+class MinHeadTailRecall(_Multiplied):
     """min(mean head recall, mean tail recall), through M = lambda_h mean_head(r) + lambda_t mean_tail(r).
 
     Update: (lambda_h, lambda_t) = softmax(-omega [mean_head r, mean_tail r]) (no memory: beta is ignored).
@@ -299,11 +286,7 @@ class MinHeadTailRecall(Objective):
 
     name = "min_head_tail_recall"
     defaults = {"eps": DEFAULT_EPS, "omega": 50.0}
-    ignored = ("beta",)
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.multipliers: np.ndarray | None = None  # (lambda_head, lambda_tail)
+    ignored = ("beta",)  # multipliers: (lambda_head, lambda_tail)
 
     def _init_multipliers(self, n_classes):
         if self.multipliers is None:
@@ -326,12 +309,6 @@ class MinHeadTailRecall(Objective):
         log_weights = -self.params["omega"] * self._group_means(recall)
         weights = np.exp(log_weights - log_weights.max())
         self.multipliers = weights / weights.sum()
-
-    def state_dict(self):
-        return {"lambda": None if self.multipliers is None else self.multipliers.tolist()}
-
-    def load_state_dict(self, state):
-        self.multipliers = _checked_array(state, "lambda", self.name)
 
 
 def _gmean_and_diag_grad(prior, floored):
@@ -374,7 +351,7 @@ class HMean(Objective):
 # Coverage-constrained objectives
 
 
-class _CoverageObjective(Objective):
+class _CoverageObjective(_Multiplied):
     """A base metric (mean recall or H-mean) with every constrained coverage >= alpha/K.
 
     Surrogate: [base + sum_c mu_c cov_c] / (max mu + 1), where cov_c is a class coverage (per class) or
@@ -386,10 +363,7 @@ class _CoverageObjective(Objective):
     defaults = {"eps": DEFAULT_EPS, "alpha": 0.95, "tau": 0.01, "mu_max": 100.0}
     base: ClassVar[str] = "mean_recall"  # or "hmean"
     per_class: ClassVar[bool] = True  # False: the two head/tail mean coverages
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.multipliers: np.ndarray | None = None  # mu, (K,) per class or (2,) head/tail
+    state_key = "mu"  # multipliers: mu, (K,) per class or (2,) head/tail
 
     def _init_multipliers(self, n_classes):
         size = n_classes if self.per_class else 2
@@ -439,11 +413,6 @@ class _CoverageObjective(Objective):
         excess = np.minimum(self._constrained_coverages(C) - target, 0.0) / self.params["tau"]
         self.multipliers = np.maximum(self.params["mu_max"] * (1.0 - np.exp(excess)), 0.0)
 
-    def state_dict(self):
-        return {"mu": None if self.multipliers is None else self.multipliers.tolist()}
-
-    def load_state_dict(self, state):
-        self.multipliers = _checked_array(state, "mu", self.name)
 
 
 class MeanRecallMinCoverage(_CoverageObjective):

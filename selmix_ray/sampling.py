@@ -19,13 +19,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .checks import int_problem, is_number, number_problem
 from .errors import ConfigError, DataError
 
 __all__ = ["pair_distribution", "distribution_stats", "PairSampler", "PairBatch"]
-
-
-def _is_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
 
 
 def pair_distribution(
@@ -54,10 +51,10 @@ def pair_distribution(
         raise DataError("gain contains NaN or inf; expected a finite (K, K) matrix.")
     K = G.shape[0]
     problems = []
-    if not _is_number(s) or not math.isfinite(s) or s < 0:
-        problems.append(f"s must be a finite number >= 0, but got {s=}.")
+    if number_problem("s", s, minimum=0):
+        problems.append(number_problem("s", s, minimum=0))
     eps = 1.0 / (K + 1) if floor is None else floor
-    if not _is_number(eps) or not 0.0 <= eps <= 1.0:
+    if not is_number(eps) or not 0.0 <= eps <= 1.0:
         problems.append(f"floor must be None or a number in [0, 1], but got {floor=}.")
     if problems:
         raise ConfigError(problems, where="pair_distribution arguments")
@@ -147,8 +144,8 @@ class PairSampler:
     """
 
     def __init__(self, labels, *, n_classes: int, rng: np.random.Generator, pool_labels=None):
-        if not isinstance(n_classes, (int, np.integer)) or isinstance(n_classes, bool) or n_classes < 1:
-            raise ConfigError(f"n_classes must be an integer >= 1, but got {n_classes=}.")
+        if int_problem("n_classes", n_classes, minimum=1):
+            raise ConfigError(int_problem("n_classes", n_classes, minimum=1))
         if not isinstance(rng, np.random.Generator):
             raise ConfigError(
                 f"rng must be a numpy.random.Generator (e.g. np.random.default_rng(seed)), but got {type(rng).__name__}."
@@ -199,8 +196,8 @@ class PairSampler:
         """Draw ``batch_size`` pairs and their samples (see :class:`PairBatch`); 3 * B uniforms per call."""
         if self._cdf is None:
             raise DataError("PairSampler.sample called before set_distribution(P).")
-        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ConfigError(f"batch_size must be an integer >= 1, but got {batch_size=}.")
+        if int_problem("batch_size", batch_size, minimum=1):
+            raise ConfigError(int_problem("batch_size", batch_size, minimum=1))
         K = self.n_classes
         uniforms = self.rng.random((3, batch_size))
         flat = np.minimum(np.searchsorted(self._cdf, uniforms[0], side="right"), K * K - 1)

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError, SelMixError
+from .mixup import MAP_VARIANTS as MAP_MIXUPS  # need cached spatial maps (FeatureSet.has_maps)
 
 __all__ = ["Param", "SearchSpace", "DefineByRun", "load_space"]
 
 DOMAINS = ("uniform", "loguniform", "int", "choice")
 FIXED_ONLY = ("steps", "eval_every", "objective_params")  # may appear under `fixed` only
 TOP_LEVEL_KEYS = ("objective", "objectives", "space", "fixed")
-MAP_MIXUPS = ("cutmix", "puzzlemix")  # need cached spatial maps (FeatureSet.has_maps)
 
 
 @dataclass(frozen=True)

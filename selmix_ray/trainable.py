@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .checks import is_int
 from .constants import HISTORY_FILE, STATE_FILE
 from .errors import ConfigError
 
@@ -60,7 +61,7 @@ def trial_settings(space: dict[str, Any], *, repeats: int, seed: int, checkpoint
     step 0 and the last step always are. The test-only fault hook is read here, on the driver;
     ``fault_dir`` is where its marker files go (a folder every worker of a one-machine test can reach).
     """
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+    if not is_int(checkpoint_every) or checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every must be an integer >= 1 (reports between checkpoints), but got "
                           f"{checkpoint_every=!r}.")
     fault, limit = os.environ.get(FAULT_ENV), os.environ.get(FAULT_LIMIT_ENV)
@@ -68,7 +69,7 @@ def trial_settings(space: dict[str, Any], *, repeats: int, seed: int, checkpoint
         "space": space,
         "repeats": int(repeats),
         "seed": int(seed),
-        "checkpoint_every": checkpoint_every,
+        "checkpoint_every": int(checkpoint_every),
         "checkpoint_steps": sorted({int(step) for step in checkpoint_steps}),
         "fault_at_step": int(fault) if fault else None,
         "fault_max_trials": int(limit) if limit else None,

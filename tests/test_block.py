@@ -63,13 +63,7 @@ def block_weights(trainer_or_state) -> dict[str, np.ndarray]:
     return {name: value.detach().cpu().numpy().copy() for name, value in state.items()}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops are fastest and bit-reproducible on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +129,7 @@ def test_top_lr_zero_freezes_the_block_and_matches_the_cached_features_at_step_0
         np.testing.assert_array_equal(value, initial[name])
 
 
-def test_head_only_mode_ignores_top_lr():
-    from tests.test_finetune import synthetic_features
-
+def test_head_only_mode_ignores_top_lr(synthetic_features):
     plain = synthetic_features()
     reports = [finetune(plain, FinetuneConfig.from_dict({**SHORT, "top_lr": lr})).metrics for lr in (1.0, 7.0)]
     assert reports[0] == reports[1]
@@ -252,15 +244,13 @@ def test_block_features_are_zero_copy_in_a_trial(features, ray_cluster):
     for name in ("train", "val", "test", "unlabeled"):
         maps = getattr(shared, name).maps
         assert not maps.flags.writeable
-        tensor = getattr(trainer, f"{'pool' if name == 'unlabeled' else name}_maps")
+        tensor = getattr(trainer.model, f"{'pool' if name == 'unlabeled' else name}_maps")
         assert tensor.data_ptr() == maps.__array_interface__["data"][0], name
     trainer.run_until(0)
     trainer.run_until(10)
 
 
-def test_a_state_written_before_top_lr_existed_still_resumes():
-    from tests.test_finetune import synthetic_features
-
+def test_a_state_written_before_top_lr_existed_still_resumes(synthetic_features):
     plain = synthetic_features()
     config = FinetuneConfig.from_dict(SHORT)
     uninterrupted, states = [], []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import subprocess
 import sys
@@ -22,47 +23,9 @@ from selmix_ray.engine import (
     finetune_repeats,
 )
 from selmix_ray.errors import ConfigError, TrainingError
-from selmix_ray.featureset import FeatureSet, Split
+from selmix_ray.featureset import FeatureSet
 
 SHORT = {"steps": 20, "eval_every": 10, "refresh_every": 5, "batch_size": 16, "device": "cpu"}
-
-
-def synthetic_features(*, K=4, d=6, n_max=40, rho=10.0, pool=0, maps=False, seed=0) -> FeatureSet:
-    """Gaussian classes, long-tailed train, balanced val (12) and test (15) per class, least-squares head.
-
-    With ``maps``, every split carries (n, 3, 2, 2) maps and ``x`` is their global average pool. With
-    ``pool``, an unlabeled split of ``pool`` samples per class (true labels kept apart). Read-only arrays.
-    """
-    rng = np.random.default_rng(seed)
-    means = rng.normal(0.0, 1.5, (K, d))
-    C, H, W = 3, 2, 2
-
-    def split(counts, unlabeled=False):
-        y = np.repeat(np.arange(K), counts)
-        x = means[y] + rng.normal(0.0, 1.5, (len(y), d))
-        split_maps = None
-        if maps:  # d = C: each channel's map averages to the feature
-            split_maps = (x[:, :C, None, None] + rng.normal(0.0, 1.0, (len(y), C, H, W))).astype(np.float32)
-            split_maps -= split_maps.mean(axis=(2, 3), keepdims=True) - x[:, :C, None, None]
-            x = split_maps.mean(axis=(2, 3))
-        labels = -np.ones(len(y), dtype=np.int64) if unlabeled else y
-        return Split(x.astype(np.float32), labels, split_maps), y
-
-    if maps:
-        d = C
-        means = means[:, :C]
-    counts = [max(int(n_max * rho ** (-k / (K - 1))), 2) for k in range(K)]
-    train, _ = split(counts)
-    val, _ = split([12] * K)
-    test, _ = split([15] * K)
-    unlabeled, true_y = split([pool] * K, unlabeled=True) if pool else (None, None)
-    design = np.c_[train.x, np.ones(len(train.y))]
-    coef = np.linalg.lstsq(design, np.eye(K)[train.y], rcond=None)[0].T  # (K, d + 1)
-    fs = FeatureSet(
-        train=train, val=val, test=test, unlabeled=unlabeled, unlabeled_true_y=true_y, n_classes=K,
-        weight=coef[:, :d].astype(np.float32), bias=coef[:, d].astype(np.float32),
-    )
-    return FeatureSet.from_dict(fs.to_dict(), read_only=True)
 
 
 def expected_keys(posthoc: bool) -> set[str]:
@@ -77,17 +40,11 @@ def run(features, **overrides):
     return reports, history
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops are fastest and bit-reproducible on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def features():
+def features(synthetic_features):
     return synthetic_features(pool=5)
 
 
@@ -153,12 +110,45 @@ def test_each_method_reports_every_key(features, method, mixup, posthoc):
 
 
 @pytest.mark.parametrize("mixup", ["cutmix", "puzzlemix"])
-def test_map_variants_run_on_cached_maps(mixup):
+def test_map_variants_run_on_cached_maps(mixup, synthetic_features):
     features = synthetic_features(maps=True)
     reports, _ = run(features, mixup=mixup, steps=10, eval_every=10)
     assert set(reports[-1]) == expected_keys(False)
     with pytest.raises(ConfigError, match="needs spatial maps"):
         run(synthetic_features(), mixup=mixup)
+
+
+def test_config_accepts_numpy_integers_and_refuses_bools():
+    config = FinetuneConfig.from_dict({**SHORT, "steps": np.int64(40), "eval_every": np.int32(10),
+                                       "lr": np.float32(0.5)})
+    assert (config.steps, type(config.steps), type(config.lr)) == (40, int, float)
+    direct = FinetuneConfig(batch_size=np.int64(32), s=np.float64(2.0))
+    assert type(direct.batch_size) is int and json.loads(json.dumps(direct.to_dict()))["batch_size"] == 32
+    with pytest.raises(ConfigError) as error:
+        FinetuneConfig.from_dict({"batch_size": True, "lr": False})
+    assert error.value.problems == ["lr must be a number, but got False.",
+                                    "batch_size must be an integer, but got True."]
+
+
+def test_step_api_composes_to_run_until(features):
+    """refresh / train_steps / logits: what run_until does between two reports, step by step."""
+    config = FinetuneConfig.from_dict({**SHORT, "momentum": 0.9})
+    whole, parts = Trainer(features, config), Trainer(features, config)
+    whole.run_until(0)
+    whole.run_until(10)  # refreshes at 5 and 10
+    parts.run_until(0)
+    for _ in range(2):
+        parts.train_steps(5)
+        parts.refresh()
+    assert parts.step == whole.step == 10
+    assert torch.equal(parts.weight, whole.weight) and torch.equal(parts.bias, whole.bias)
+    np.testing.assert_array_equal(parts.P, whole.P)
+    by_hand = features.val.x.astype(np.float64) @ parts.weight.double().numpy().T + parts.bias.double().numpy()
+    np.testing.assert_allclose(parts.logits("val"), by_hand, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(parts.logits("test"), features.test.x @ parts.weight.numpy().T + parts.bias.numpy(),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="n must be an integer in"):
+        parts.train_steps(config.steps)  # past the last step
 
 
 def test_uniform_mixup_samples_pairs_uniformly(features):
@@ -285,7 +275,7 @@ def test_shared_arrays_are_neither_written_nor_warned_about(features):
         assert not getattr(features, name).x.flags.writeable
 
 
-def test_float16_features_train_in_float32():
+def test_float16_features_train_in_float32(synthetic_features):
     features = synthetic_features()
     half = features.to_dict()
     for name in ("train", "val", "test"):
@@ -319,7 +309,7 @@ def test_selmix_raises_validation_min_recall_on_long_tailed_digits(digits):
     assert history.best_step > 0
 
 
-def test_cross_fitted_posthoc_scores_are_not_above_in_sample_scores_on_average():
+def test_cross_fitted_posthoc_scores_are_not_above_in_sample_scores_on_average(synthetic_features):
     from selmix_ray.metrics import confusion_counts
     from selmix_ray.posthoc import fit_correction
 
@@ -328,7 +318,7 @@ def test_cross_fitted_posthoc_scores_are_not_above_in_sample_scores_on_average()
         features = synthetic_features(seed=seed, rho=20.0)
         trainer = Trainer(features, FinetuneConfig(steps=0, eval_every=1, posthoc="class_weights", device="cpu"))
         cross_fitted.append(trainer.run_until(0)["val/objective"])
-        logits, labels = trainer._val_logits(), features.val.y
+        logits, labels = trainer.logits("val"), features.val.y
         correction = fit_correction("class_weights", logits, labels, trainer.scorer,
                                     train_counts=features.train_counts)
         counts = confusion_counts(labels, correction.apply(logits).argmax(axis=1), features.n_classes)
@@ -338,7 +328,7 @@ def test_cross_fitted_posthoc_scores_are_not_above_in_sample_scores_on_average()
 
 def test_mean_squared_norm_matches_numpy_on_features_and_maps():
     """The lr_scale='feature_norm' denominator, chunked in float32, against a float64 numpy reference."""
-    from selmix_ray.engine import NORM_CHUNK, _mean_squared_norm
+    from selmix_ray.models import NORM_CHUNK, _mean_squared_norm
 
     rng = np.random.default_rng(0)
     for shape in [(2 * NORM_CHUNK + 7, 16), (NORM_CHUNK + 3, 3, 4, 4), (5, 8)]:
