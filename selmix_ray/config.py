@@ -38,34 +38,68 @@ TOP_LR_DEFAULT = 10.0
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Everything one trial needs besides the features. Defaults: SPEC.md section 7."""
+    """Everything one trial needs besides the features (docs/method.md, "One trial").
 
-    method: str = "selmix"  # selmix | uniform_mixup (no mask, s = 0) | erm (uniform instances, no mixup)
-    objective: str = "min_recall"  # objective name (objectives.get_objective); trained for and ranked by
-    objective_params: dict = field(default_factory=dict)  # subset of omega, beta, alpha, tau, mu_max, eps
-    s: float = 5.0  # inverse temperature of P = softmax(s * G); log-odds best pair vs zero gain when gain_scale=max
-    gain_scale: str = "max"  # max: G / max|G| before the softmax | none: raw G (the released behaviour)
-    gain_form: str = "exact"  # exact: closed-form directional derivative | official: the released formula
-    jacobian: str = "surrogate"  # confusion the gain's Jacobian is evaluated at: surrogate C(A) | measured C
-    train_bias: bool = True  # train the head's bias (and include it in the gain)
-    mixup: str = "feature"  # feature | feature_soft | cutmix | puzzlemix (the last two need cached maps)
-    lambda_min: float = 0.6  # mixing weight of the class-i sample ~ U(lambda_min, 1)
-    floor: float | None = None  # exploration floor eps of P (fraction of uniform mass); None = 1/(K+1)
-    positive_only: bool = True  # pairs with G <= 0 get no mass before the floor
-    lr: float = 1.0  # learning rate; relative to mean ||z||^2 of the train features when lr_scale=feature_norm
-    lr_scale: str = "feature_norm"  # feature_norm: optimiser lr = lr / mean ||z||^2 | none: lr as given
-    top_lr: float = TOP_LR_DEFAULT  # top-block mode only (features.block): the block's rate, relative to the
-    #                                 mean squared norm of its input maps when lr_scale=feature_norm
-    momentum: float = 0.0  # SGD momentum, in [0, 1)
-    weight_decay: float = 5e-4  # SGD L2 weight decay on the head (weight and trained bias)
-    batch_size: int = 64  # pairs (or instances for erm) per SGD step
-    steps: int = 2000  # SGD steps of the trial; a multiple of eval_every
-    refresh_every: int = 10  # steps between gain / P / pseudo-label refreshes
-    eval_every: int = 50  # steps between reports (validation + test evaluation)
-    pseudo_label_threshold: float = 0.0  # min softmax confidence for an unlabeled sample to be a partner
-    posthoc: str = "none"  # post-hoc correction after training: none | logit_adjust | class_weights
-    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda | cuda:N
-    seed: int = 0  # seeds numpy and torch generators of the trial
+    Attributes:
+        method: ``selmix`` (pairs from P = softmax(s·G)) | ``uniform_mixup`` (the same loop, pairs uniform:
+            no mask, s = 0) | ``erm`` (instances drawn uniformly, no mixup).
+        objective: the objective trained for and ranked by (``objectives.get_objective``), or
+            ``"module:function"`` for a custom torch function of the confusion matrix.
+        objective_params: the objective's parameters, a subset of omega, beta, alpha, tau, mu_max, eps.
+        s: inverse temperature of P = softmax(s·G); with ``gain_scale="max"`` the log-odds between the best
+            pair and a zero-gain pair.
+        gain_scale: ``max`` (G / max|G| before the softmax) | ``none`` (raw G, the released behaviour).
+        gain_form: ``exact`` (the closed-form directional derivative) | ``official`` (the released formula).
+        jacobian: the confusion the gain's Jacobian is evaluated at: ``surrogate`` (the smooth C(A)) |
+            ``measured`` (the measured C).
+        train_bias: train the head's bias (and include it in the gain).
+        mixup: ``feature`` | ``feature_soft`` | ``cutmix`` | ``puzzlemix`` (the last two need cached maps).
+        lambda_min: the class-i sample's mixing weight is drawn from U(lambda_min, 1).
+        floor: the exploration floor ε of P (its share of uniform mass); None means 1/(K+1).
+        positive_only: pairs whose gain is <= 0 get no mass before the floor.
+        lr: the head's learning rate; relative to the mean squared norm of the training features when
+            ``lr_scale="feature_norm"`` (optimiser rate = lr / mean‖z‖²).
+        lr_scale: ``feature_norm`` (lr and top_lr are relative) | ``none`` (both are taken as given).
+        top_lr: top-block mode only (features built with ``cut="block"``): the block's learning rate,
+            relative to the mean squared norm of its input maps when ``lr_scale="feature_norm"``.
+        momentum: SGD momentum, in [0, 1).
+        weight_decay: SGD L2 weight decay on the head (weight and trained bias) and the block.
+        batch_size: pairs (instances for ``erm``) per SGD step.
+        steps: SGD steps of the trial; a multiple of ``eval_every``. 0 evaluates the starting head.
+        refresh_every: steps between refreshes of the gain, P and the pseudo-labels.
+        eval_every: steps between reports (a validation and test evaluation each).
+        pseudo_label_threshold: the least softmax confidence for which an unlabeled sample may be a partner.
+        posthoc: the correction fitted on validation after training: ``none`` | ``logit_adjust`` |
+            ``class_weights``.
+        device: ``auto`` (CUDA when available, else the CPU) | ``cpu`` | ``cuda`` | ``cuda:N``.
+        seed: seeds the trial's numpy and torch generators.
+    """
+
+    method: str = "selmix"
+    objective: str = "min_recall"
+    objective_params: dict = field(default_factory=dict)
+    s: float = 5.0
+    gain_scale: str = "max"
+    gain_form: str = "exact"
+    jacobian: str = "surrogate"
+    train_bias: bool = True
+    mixup: str = "feature"
+    lambda_min: float = 0.6
+    floor: float | None = None
+    positive_only: bool = True
+    lr: float = 1.0
+    lr_scale: str = "feature_norm"
+    top_lr: float = TOP_LR_DEFAULT
+    momentum: float = 0.0
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    steps: int = 2000
+    refresh_every: int = 10
+    eval_every: int = 50
+    pseudo_label_threshold: float = 0.0
+    posthoc: str = "none"
+    device: str = "auto"
+    seed: int = 0
 
     def __post_init__(self):
         for name, value in dataclasses.asdict(self).items():  # numpy scalars become Python ones (JSON-able)

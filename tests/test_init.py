@@ -82,3 +82,13 @@ def test_finetune_is_callable_after_importing_the_submodule():
     assert callable(selmix_ray.finetune) and module.finetune is selmix_ray.finetune
     with pytest.raises(TypeError):
         selmix_ray.finetune()  # reaches the function, which needs features and a config
+
+
+def test_finetune_config_documents_every_field():
+    import dataclasses
+
+    from selmix_ray.config import FinetuneConfig
+
+    doc = FinetuneConfig.__doc__
+    missing = [f.name for f in dataclasses.fields(FinetuneConfig) if f"\n        {f.name}: " not in doc]
+    assert missing == [], f"FinetuneConfig's docstring does not explain {missing}"
