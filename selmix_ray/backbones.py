@@ -44,7 +44,6 @@ __all__ = [
     "PreparedBackbone",
     "prepare_backbone",
     "train_cnn",
-    "fit_erm_head",
     "resolve_device",
     "torch_threads",
     "backbone_kind",
@@ -201,46 +200,6 @@ class torch_threads:
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.previous)
-
-
-# -- the ERM head on cached features -------------------------------------------------------------
-
-
-def fit_erm_head(
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    n_classes: int,
-    steps: int = 300,
-    lr: float = 0.01,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-    device: torch.device | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression by full-batch Adam on (n, d) features.
-
-    Returns (weight (K, d), bias (K,)) float32. Zero-initialised and full-batch, so it is deterministic;
-    the seed is set anyway for any nondeterministic kernel.
-    """
-    device = device or torch.device("cpu")
-    threads = 1 if x.shape[0] * x.shape[1] < 2_000_000 else None
-    with torch.random.fork_rng(devices=[]), torch_threads(threads):
-        torch.manual_seed(seed)
-        xt = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device)
-        yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
-        linear = nn.Linear(xt.shape[1], n_classes).to(device)
-        nn.init.zeros_(linear.weight)
-        nn.init.zeros_(linear.bias)
-        optimizer = torch.optim.Adam(linear.parameters(), lr=lr, weight_decay=weight_decay)
-        for _ in range(steps):
-            loss = nn.functional.cross_entropy(linear(xt), yt)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return (
-        linear.weight.detach().cpu().numpy().astype(np.float32),
-        linear.bias.detach().cpu().numpy().astype(np.float32),
-    )
 
 
 # -- top-block mode ------------------------------------------------------------------------------
