@@ -13,7 +13,9 @@ and 50 test rows per class (585 MiB of float32 features). Everything is written 
 It prints:
 - the build through the npz path with ``backbone="identity"`` (the features are the data, so the ERM head
   is fitted): total time and its parts (read, validate, ERM head fit, cache write), in a child process so
-  that its peak memory (ru_maxrss) is its own; target: <= 2 minutes on 2 cores, dominated by I/O;
+  that its peak memory (ru_maxrss) is its own; target: <= 2 minutes on 2 cores, dominated by I/O; and, in
+  the same child, a few steps of the former full-batch fit timed on the same rows (the ratio holds on a
+  shared machine where the absolute times do not);
 - the cached load in a fresh process (a cache hit: memory-mapped, nothing read) and in this one;
 - one trial of head-only SelMix (``FinetuneConfig(steps=200, eval_every=100)``, other fields at their
   defaults) at K = 100 and at K = 1000, each in a child process: wall time, time per part (cProfile,
@@ -94,7 +96,34 @@ def child_build(task: dict) -> dict:
         np.savez(task["save_head"], weight=fs.weight, bias=fs.bias)
     if task.get("quality"):
         out["quality"] = head_quality(fs)
+    if task.get("old_steps"):
+        out["old_step_s"] = time_former_fit(fs, task["old_steps"])
     return out
+
+
+def time_former_fit(fs, steps: int) -> float:
+    """Seconds per step of the former ERM fit (full-batch Adam, 300 steps by default) on the same rows."""
+    import warnings
+
+    import torch
+
+    from selmix_ray.backbones import torch_threads
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the cached array is read-only; torch warns about that
+        x = torch.from_numpy(fs.train.x)
+    y = torch.from_numpy(np.asarray(fs.train.y))
+    threads = 1 if x.shape[0] * x.shape[1] < 2_000_000 else None  # as the former fit chose
+    with torch_threads(threads):
+        linear = torch.nn.Linear(x.shape[1], fs.n_classes)
+        optimizer = torch.optim.Adam(linear.parameters(), lr=0.01, weight_decay=1e-4)
+        started = time.perf_counter()
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(linear(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return (time.perf_counter() - started) / steps
 
 
 def head_quality(fs) -> dict:
@@ -222,8 +251,11 @@ def main() -> None:
     parser.add_argument("--n-min", type=int, default=5, help="train rows of the rarest class (default 5)")
     parser.add_argument("--n-val", type=int, default=20, help="validation rows per class (default 20)")
     parser.add_argument("--n-test", type=int, default=50, help="test rows per class (default 50)")
-    parser.add_argument("--scale", type=float, default=1.0, help="std of the class means (default 1)")
-    parser.add_argument("--noise", type=float, default=5.0, help="std of the samples around their mean (default 5)")
+    parser.add_argument("--scale", type=float, default=0.2, help="std of the class means (default 0.2)")
+    parser.add_argument("--noise", type=float, default=1.0, help="std of the samples around their mean (default 1: "
+                                                                 "feature norms about sqrt(d), as a ResNet's)")
+    parser.add_argument("--old-steps", type=int, default=2, help="steps of the former full-batch fit to time for "
+                                                                 "the ratio (default 2; 0 skips)")
     parser.add_argument("--small-classes", type=int, default=100, help="K of the second trial (default 100)")
     parser.add_argument("--steps", type=int, default=200, help="trial steps (default 200)")
     parser.add_argument("--eval-every", type=int, default=100, help="trial eval_every (default 100)")
@@ -257,10 +289,15 @@ def main() -> None:
         cache = str(folder / "cache")
         head_file = str(folder / "head32.npz")
         build = run_child("build", {"npz": str(big), "cache": cache, "dtype": "float32", "save_head": head_file,
-                                    "quality": True}, timeout=timeout)
+                                    "quality": True, "old_steps": args.old_steps}, timeout=timeout)
         print("\n== build (npz path, backbone='identity', float32; target <= 120 s on 2 cores) ==")
         print_build("cold build", build)
         q = build["quality"]
+        if "old_step_s" in build:
+            old = 300 * build["old_step_s"]
+            print(f"former full-batch fit, timed here on the same rows: {build['old_step_s']:.1f} s per step x 300 steps "
+                  f"= {old:.0f} s; the minibatch fit took {build['timings']['head_s']:.1f} s "
+                  f"(ratio {old / build['timings']['head_s']:.1f})")
         print(f"starting head: val cross-entropy {q['val']['cross_entropy']:.3f}, val mean/min recall "
               f"{q['val']['mean_recall']:.3f}/{q['val']['min_recall']:.3f}, test mean recall {q['test']['mean_recall']:.3f}")
         cached = run_child("cached", {"npz": str(big), "cache": cache, "dtype": "float32"}, timeout=timeout)

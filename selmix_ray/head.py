@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,9 @@ def fit_erm_head(
     with torch.random.fork_rng(devices=rngs), torch_threads(threads):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
-        xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)  # zero-copy on CPU; stored dtype
+        with warnings.catch_warnings():  # a read-only (cached) array: torch warns, but x is never written
+            warnings.simplefilter("ignore", UserWarning)
+            xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)  # zero-copy on CPU; stored dtype
         yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
         weight = torch.zeros(n_classes, d, device=device, requires_grad=True)
         bias = torch.zeros(n_classes, device=device, requires_grad=True)
@@ -174,21 +177,24 @@ def load_head(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise DataError(f"head file {path} does not exist; pass head=<.npz file with weight (K, d) and bias (K,)>.")
     try:
-        with np.load(path, allow_pickle=False) as stored:
-            if "weight" not in stored.files:
-                raise DataError(
-                    f"head file {path} has no 'weight' array (it holds {', '.join(stored.files) or 'nothing'}); "
-                    f"save it with np.savez(path, weight=W, bias=b), W of shape (K, d)."
-                )
+        stored = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # not an npz/npy file, or a pickled one
+        raise DataError(f"head file {path} is not a readable .npz file ({exc}); save it with "
+                        f"np.savez(path, weight=W, bias=b).") from exc
+    if not hasattr(stored, "files"):
+        raise DataError(f"head file {path} is a single .npy array; save weight and bias with np.savez(path, weight=W, bias=b).")
+    with stored:
+        if "weight" not in stored.files:
+            raise DataError(
+                f"head file {path} has no 'weight' array (it holds {', '.join(stored.files) or 'nothing'}); "
+                f"save it with np.savez(path, weight=W, bias=b), W of shape (K, d)."
+            )
+        try:
             weight = np.asarray(stored["weight"])
             bias = np.asarray(stored["bias"]) if "bias" in stored.files else np.zeros(weight.shape[:1], np.float32)
-    except DataError:
-        raise
-    except ValueError as exc:  # object arrays under allow_pickle=False, or not an npz at all
-        raise DataError(
-            f"head file {path} cannot be read as numeric arrays ({exc}); save real-valued arrays with "
-            f"np.savez(path, weight=W, bias=b)."
-        ) from exc
-    except (OSError, EOFError) as exc:
-        raise DataError(f"head file {path} is not a readable .npz file ({exc}).") from exc
+        except ValueError as exc:  # object arrays under allow_pickle=False
+            raise DataError(
+                f"head file {path} cannot be read as numeric arrays ({exc}); save real-valued arrays with "
+                f"np.savez(path, weight=W, bias=b)."
+            ) from exc
     return weight, bias

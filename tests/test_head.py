@@ -103,7 +103,9 @@ def test_deterministic_for_a_seed_and_float16_input():
     np.testing.assert_array_equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])
     assert not np.array_equal(first[0], other[0])  # the seed orders the minibatches
-    half = fit_erm_head(x.astype(np.float16), y, seed=3, **kwargs)
+    read_only = x.astype(np.float16)
+    read_only.flags.writeable = False  # as the cache hands it out
+    half = fit_erm_head(read_only, y, seed=3, **kwargs)
     assert half[0].dtype == np.float32 and np.abs(half[0] - first[0]).max() < 0.05
 
 
@@ -146,3 +148,6 @@ def test_load_head_reads_npz_and_refuses_what_it_cannot_read(tmp_path):
     (tmp_path / "text.npz").write_text("not an archive")
     with pytest.raises(DataError, match="text.npz"):
         load_head(tmp_path / "text.npz")
+    np.save(tmp_path / "plain.npy", np.ones((3, 2)))
+    with pytest.raises(DataError, match="single .npy array"):
+        load_head(tmp_path / "plain.npy")
