@@ -92,7 +92,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     # execution (not part of the cache key)
     "device": "auto",  # "auto" = CUDA when available
     "batch_size": 256,  # extraction batch size
-    "num_threads": "auto",  # torch CPU threads; "auto": 1 for the small CNN on CPU, else unchanged
+    "num_threads": "auto",  # torch CPU threads; "auto": 1 for the small CNN and the ERM head fit on CPU, else unchanged
     "progress": True,  # show progress bars (tqdm, on stderr)
     "verify": False,  # on a cache hit, also check every file's sha256 (sizes are always checked)
 }
@@ -738,6 +738,7 @@ def _starting_head(options, raw, prepared, outputs, *, K: int, seed: int, device
             outputs["train"].x, outputs["train"].y, n_classes=K, steps=options["head_steps"],
             epochs=options["head_epochs"], batch_size=options["head_batch_size"], lr=options["head_lr"], seed=seed,
             device=device, progress=options["progress"],
+            num_threads=1 if options["num_threads"] == "auto" else options["num_threads"],  # see selmix_ray.head
         )
         timings["head_s"] = time.perf_counter() - started
         source, where = "erm", "the fitted ERM head (diverged?)"

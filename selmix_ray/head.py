@@ -20,6 +20,10 @@ Decisions, written once here:
   steps lowered the loss on the synthetic sets but raised it on digits (0.371 -> 0.389): not used.
 - **Deterministic for a seed** on a given device: the zero start and the seeded shuffles fix everything
   (CUDA kernels may differ from CPU in the last bits).
+- **One CPU thread by default**: each step is a few GEMMs of (batch_size, d) x (d, K), too short for two
+  threads to share well when other processes compete. At ImageNet-LT shape on this 2-core machine under load
+  (load average 5-8), a step took 81-110 ms with one thread and 320 ms with two (interleaved runs); on an
+  idle machine two threads would save at most about half. ``build_features(num_threads=...)`` overrides it.
 - **Device**: the fit runs on ``device`` (CUDA when the build runs there); the training features are
   copied there once in their stored dtype, and each minibatch is converted to float32.
 - **A user head** is a ``.npz`` file (``np.savez(path, weight=W, bias=b)``): ``weight`` (K, d) real,
@@ -63,6 +67,7 @@ def fit_erm_head(
     seed: int = 0,
     device=None,
     progress: bool = False,
+    num_threads: int | None = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression by minibatch Adam on (n, d) features (see the module docstring).
 
@@ -74,6 +79,7 @@ def fit_erm_head(
         lr: Adam's learning rate (constant); weight_decay: Adam's L2 term (weight and bias).
         device: torch device or None (CPU).
         progress: a tqdm bar on stderr (updated at most every 0.5 s on a terminal, every 10 s otherwise).
+        num_threads: torch CPU threads during the fit (None: leave torch's setting).
 
     Returns:
         (weight (K, d), bias (K,)) float32 numpy arrays.
@@ -90,9 +96,8 @@ def fit_erm_head(
         raise DataError("The ERM head needs training rows, but the train split is empty.")
     batch = min(int(batch_size), n)
     total = fit_steps(n, steps=steps, epochs=epochs, batch_size=batch)
-    threads = 1 if n * d < 2_000_000 else None  # small problems lose time to threads (see torch_threads)
     rngs = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rngs), torch_threads(threads):
+    with torch.random.fork_rng(devices=rngs), torch_threads(num_threads):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         with warnings.catch_warnings():  # a read-only (cached) array: torch warns, but x is never written
