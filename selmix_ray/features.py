@@ -88,7 +88,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "head_steps": 300,  # ERM head: at least this many minibatch Adam steps
     "head_epochs": 2,  # ERM head: at least this many passes over the train split (its cost at scale)
     "head_batch_size": 1024,  # ERM head: rows per Adam step (full batch when the train split is smaller)
-    "head_lr": 0.01,  # ERM head: Adam learning rate (constant)
+    "head_lr": 0.01,  # ERM head: Adam learning rate (minibatch fits decay it over their last 30% of steps)
     # execution (not part of the cache key)
     "device": "auto",  # "auto" = CUDA when available
     "batch_size": 256,  # extraction batch size
