@@ -291,6 +291,11 @@ _KIND_WORDS = {"b": "booleans", "f": "floats", "c": "complex numbers", "U": "str
 
 def _read_npz_arrays(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
     """Every array of the file that selmix-ray reads, and the problems of those it cannot read."""
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if not magic.startswith((b"PK", b"\x93NUMPY")):  # zip (npz) or npy: anything else is not numpy's
+        raise DataError(f"npz file {path} is not an .npz archive (it does not start like a zip file: {magic!r}); "
+                        f"save the arrays with np.savez.")
     try:
         archive = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:

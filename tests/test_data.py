@@ -337,3 +337,12 @@ def test_first_nonfinite_scans_in_chunks(monkeypatch):
     images = np.zeros((5, 1, 2, 2), np.float16)
     images[3, 0, 1, 0] = np.inf
     assert data.first_nonfinite(images) == (1, (3, 0, 1, 0))
+
+
+def test_npz_that_is_not_an_archive(tmp_path):
+    (tmp_path / "text.npz").write_text("x_train,y_train\n1,2\n")
+    with pytest.raises(DataError, match=r"text.npz is not an .npz archive \(it does not start like a zip file"):
+        load_dataset("npz", root=tmp_path / "text.npz")
+    np.save(tmp_path / "one.npy", np.ones(3))
+    with pytest.raises(DataError, match="single .npy array, not an .npz archive"):
+        load_dataset("npz", root=tmp_path / "one.npy")
