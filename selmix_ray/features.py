@@ -26,9 +26,12 @@ from typing import Any
 import numpy as np
 
 from .backbone_spec import CUTS, CNNSettings, backbone_kind
+from .checks import int_problem, number_problem
 from .data import DATASET_DEFAULTS, DATASETS, plan_splits, root_identity
 from .errors import ConfigError, DataError
 from .featureset import FeatureSet, Split
+from .head import HEAD_FIT, head_problems, load_head
+from .npz import describe_nonfinite
 
 __all__ = [
     "FeatureSet",
@@ -52,6 +55,7 @@ META = "meta.json"
 DTYPES = ("float32", "float16")
 MAPS_FLOAT16_ABOVE_BYTES = 1 << 30  # maps_dtype="auto": float16 maps when float32 ones would exceed 1 GiB
 BLOCK_FILE = "block.npz"  # the top block's initial state_dict (cut="block")
+HEAD_MODES = ("auto", "erm")  # besides a path to a user's head file
 
 # Every option build_features accepts (beyond dataset, rho, backbone, cache_dir, seed), with its default.
 OPTION_DEFAULTS: dict[str, Any] = {
@@ -79,12 +83,16 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "feature_dim": None,  # CNN: channels of the last block = feature dimension d (None: 4 * width)
     "train_batch_size": 64,  # CNN: training batch size
     "augment": True,  # CNN: random shifts while training
-    "head_steps": 300,  # ERM head (identity / mismatched classifier): full-batch Adam steps
-    "head_lr": 0.01,  # ERM head: Adam learning rate
+    # the starting head (see selmix_ray.head and build_features)
+    "head": "auto",  # "auto": the npz's stored head, else the backbone's K-class classifier, else ERM; "erm"; or a .npz file (weight, bias)
+    "head_steps": 300,  # ERM head: at least this many minibatch Adam steps
+    "head_epochs": 2,  # ERM head: at least this many passes over the train split (its cost at scale)
+    "head_batch_size": 1024,  # ERM head: rows per Adam step (full batch when the train split is smaller)
+    "head_lr": 0.01,  # ERM head: Adam learning rate (minibatch fits decay it over their last 30% of steps)
     # execution (not part of the cache key)
     "device": "auto",  # "auto" = CUDA when available
     "batch_size": 256,  # extraction batch size
-    "num_threads": "auto",  # torch CPU threads; "auto": 1 for the small CNN on CPU, else unchanged
+    "num_threads": "auto",  # torch CPU threads; "auto": 1 for the small CNN and the ERM head fit on CPU, else unchanged
     "progress": True,  # show progress bars (tqdm, on stderr)
     "verify": False,  # on a cache hit, also check every file's sha256 (sizes are always checked)
 }
@@ -154,6 +162,7 @@ def _resolve_options(dataset: str, rho, backbone: str, seed, opts: dict) -> dict
         problems.append(f"image_size must be None or an integer >= 1, but got {full['image_size']!r}.")
     if isinstance(backbone, str) and backbone_kind(backbone) == "cnn":
         problems += CNNSettings(**{k: full[k] for k in _CNN_OPTIONS}).check()
+    problems += _head_option_problems(full)
     if problems:
         raise ConfigError(problems, where="build_features arguments")
     if full["normalize"] is None:
@@ -163,12 +172,39 @@ def _resolve_options(dataset: str, rho, backbone: str, seed, opts: dict) -> dict
     return full
 
 
+def _head_option_problems(full: dict) -> list[str]:
+    head = full["head"]
+    problems = []
+    if not isinstance(head, (str, os.PathLike)) or head == "":
+        problems.append(f"head must be 'auto', 'erm' or the path of a .npz file with weight (K, d) and bias (K,), "
+                        f"but got head={head!r}.")
+    elif head not in HEAD_MODES and not Path(head).expanduser().is_file():
+        problems.append(f"head file {head} does not exist; head must be 'auto', 'erm' or the path of a .npz file "
+                        f"with weight (K, d) and bias (K,).")
+    problems += [p for p in (int_problem("head_steps", full["head_steps"], minimum=0),
+                             int_problem("head_batch_size", full["head_batch_size"], minimum=1),
+                             number_problem("head_epochs", full["head_epochs"], minimum=0),
+                             number_problem("head_lr", full["head_lr"], minimum=0)) if p]
+    return problems
+
+
+def _head_key(options: dict) -> dict:
+    """The head's part of the cache key: the user file's bytes, or the ERM fit's algorithm and settings."""
+    head = options["head"]
+    if head not in HEAD_MODES:
+        path = Path(head).expanduser()
+        return {"mode": "file", "sha256": _file_sha256(path) if path.is_file() else f"missing:{path}"}
+    return {"mode": head, "fit": HEAD_FIT, "steps": options["head_steps"], "epochs": float(options["head_epochs"]),
+            "batch_size": options["head_batch_size"], "lr": float(options["head_lr"])}
+
+
 def cache_key_fields(dataset: str, *, rho, backbone: str, seed: int, options: dict) -> dict:
     """Everything that determines the cached arrays (SPEC.md section 8), as a JSON-able dict.
 
     Dataset name and root identity, split sizes (dataset defaults filled in), seed, rho, the unlabeled
     parameters, the backbone spec (name, checkpoint sha256, the CNN's training settings), the cut
-    point, keep_maps, the transform, the storage dtypes and the ERM head's settings.
+    point, keep_maps, the transform, the storage dtypes and the starting head (a user head file's sha256, or
+    the ERM fit's algorithm and settings; a head stored in an npz is covered by the file's sha256).
     """
     defaults = DATASET_DEFAULTS.get(dataset, {})
     sizes = {k: options[k] if options[k] is not None else defaults.get(k) for k in ("n_val", "n_test", "n_max")}
@@ -196,7 +232,7 @@ def cache_key_fields(dataset: str, *, rho, backbone: str, seed: int, options: di
         "transform": {"image_size": options["image_size"], "normalize": options["normalize"]},
         "dtype": options["dtype"],
         "maps_dtype": options["maps_dtype"],
-        "head": {"steps": options["head_steps"], "lr": options["head_lr"]},
+        "head": _head_key(options),
     }
 
 
@@ -408,54 +444,75 @@ def build_features(
     (maps (B, C, H, W) -> features (B, d)). Maps are float16 when float32 ones would exceed
     :data:`MAPS_FLOAT16_ABOVE_BYTES` (``maps_dtype="auto"``).
 
+    The starting head (``FeatureSet.weight`` (K, d), ``bias`` (K,)), which every trial and baseline starts
+    from, is chosen by ``head``:
+
+    - ``"auto"`` (default): a head stored in the npz file itself (arrays ``weight`` and ``bias`` beside
+      ``x_train``...), else the backbone's own classifier when it has K outputs (the CNN's ``fc``, a
+      torchvision model's last ``Linear``, a factory's head), else an ERM head fitted on the cached training
+      features (:func:`selmix_ray.head.fit_erm_head`: minibatch Adam, ``head_steps``, ``head_epochs``,
+      ``head_batch_size``, ``head_lr``; a progress bar when ``progress``);
+    - ``"erm"``: always the fitted ERM head;
+    - a path to a ``.npz`` file holding ``weight`` (K, d) and optionally ``bias`` (K,) (zeros when
+      absent), e.g. ``np.savez("head.npz", weight=W, bias=b)``: your own classifier, for any backbone.
+
+    A head from a file is checked (shape (K, d) against these features, every value finite) before
+    anything is cached, and its bytes are part of the cache key. ``metadata["head_source"]`` says which
+    head was used: ``"user"`` (head file), ``"npz"`` (stored in the data file), ``"backbone"`` or ``"erm"``.
+
+    Nothing invalid is cached: an npz file is validated when read (:func:`selmix_ray.npz.npz_problems`),
+    and the built features (after any backbone and the storage dtype, e.g. float16 overflow) must be finite.
+
     Returns:
         A read-only FeatureSet whose arrays are memory-mapped views of the cache entry.
         ``metadata["build_args"]`` holds (dataset, rho, backbone, seed, opts) for :func:`rebuild_features`;
         ``metadata["cache_hit"]`` says whether this call read an existing entry.
     """
     options = _resolve_options(dataset, rho, backbone, seed, opts)
-    build_args = {
-        "dataset": dataset, "rho": rho, "backbone": backbone, "seed": int(seed),
-        "opts": {k: _jsonable(_absolute(v) if k in ("root", "weights") else v, k)
-                 for k, v in opts.items() if k != "progress"},
-    }
+    build_args = {"dataset": dataset, "rho": rho, "backbone": backbone, "seed": int(seed), "opts": _stored_opts(opts)}
     fields = cache_key_fields(dataset, rho=rho, backbone=backbone, seed=seed, options=options)
     key = cache_key(fields)
     root_dir = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser().resolve()
     build_args["cache_dir"] = str(root_dir)
     entry = root_dir / key
 
-    if entry.exists():
-        try:
-            features = load_cached(entry, verify=options["verify"])
-            features.metadata["cache_hit"] = True
-            return features
-        except DataError as exc:
-            warnings.warn(f"{exc} Rebuilding it.", stacklevel=2)
-            trash = entry.with_name(f".trash-{key}-{uuid.uuid4().hex[:8]}")
-            os.rename(entry, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-
+    cached = _cache_hit(entry, verify=options["verify"])
+    if cached is not None:
+        return cached
     _remove_stale_temporaries(entry)
     built = _build(dataset, rho=rho, backbone=backbone, seed=int(seed), options=options)
-    metadata = {
-        **built.metadata,
-        "build_args": build_args,
-        "dataset": dataset,
-        "rho": rho,
-        "backbone": backbone,
-        "seed": int(seed),
-        "dtype": options["dtype"],
-        "keep_maps": bool(options["keep_maps"]),
-        "cut": options["cut"],
-        "key_fields": fields,
-    }
+    metadata = {**built.metadata, "build_args": build_args, "dataset": dataset, "rho": rho, "backbone": backbone,
+                "seed": int(seed), "dtype": options["dtype"], "keep_maps": bool(options["keep_maps"]),
+                "cut": options["cut"], "key_fields": fields}
     built = FeatureSet(**{**_fields_of(built), "key": key, "metadata": metadata})
     started = time.perf_counter()
     _write_entry(entry, built)
     features = load_cached(entry)
     features.metadata["cache_hit"] = False
     features.metadata["timings"]["write_s"] = time.perf_counter() - started
+    return features
+
+
+def _stored_opts(opts: dict) -> dict:
+    """The options as the build arguments keep them: JSON values, file paths absolute, no ``progress``."""
+    return {k: _jsonable(_absolute(v) if k in ("root", "weights") or (k == "head" and v not in HEAD_MODES) else v, k)
+            for k, v in opts.items() if k != "progress"}
+
+
+def _cache_hit(entry: Path, *, verify: bool) -> FeatureSet | None:
+    """The cached FeatureSet at ``entry``, or None when there is none or it is damaged (then it is moved
+    aside and removed, with a warning, so that the caller rebuilds it)."""
+    if not entry.exists():
+        return None
+    try:
+        features = load_cached(entry, verify=verify)
+    except DataError as exc:
+        warnings.warn(f"{exc} Rebuilding it.", stacklevel=3)
+        trash = entry.with_name(f".trash-{entry.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(entry, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        return None
+    features.metadata["cache_hit"] = True
     return features
 
 
@@ -509,7 +566,7 @@ def _build(dataset: str, *, rho, backbone: str, seed: int, options: dict) -> Fea
 
 
 def _build_with(dataset: str, *, rho, backbone: str, seed: int, options: dict, device) -> FeatureSet:
-    from .backbones import fit_erm_head, prepare_backbone
+    from .backbones import prepare_backbone
     from .data import load_dataset
 
     timings: dict[str, float] = {}
@@ -521,7 +578,8 @@ def _build_with(dataset: str, *, rho, backbone: str, seed: int, options: dict, d
         rho_unlabeled=options["rho_unlabeled"], n_max_unlabeled=options["n_max_unlabeled"],
     )
     K = raw.n_classes
-    timings["load_s"] = time.perf_counter() - started
+    timings["load_s"] = time.perf_counter() - started  # includes raw.timings (read_s, validate_s) for npz
+    timings.update(raw.timings)
     dtype = np.dtype(options["dtype"])
     precomputed = raw.kind == "features"
 
@@ -562,7 +620,8 @@ def _build_with(dataset: str, *, rho, backbone: str, seed: int, options: dict, d
             outputs[name] = None
             continue
         if precomputed:
-            x, maps = load(source).astype(dtype), None
+            with np.errstate(over="ignore"):  # float16 overflow becomes inf, refused below with its row
+                x, maps = load(source).astype(dtype, copy=False), None
         else:
             x, maps = _extract(prepared, raw.pools[source.pool], source.indices, transform, options, device, dtype,
                                maps_dtype_for, name)
@@ -572,23 +631,34 @@ def _build_with(dataset: str, *, rho, backbone: str, seed: int, options: dict, d
     timings["extract_s"] = time.perf_counter() - started
     timings["images_per_s"] = n_images / timings["extract_s"] if n_images and timings["extract_s"] > 0 else None
 
-    if prepared is not None and prepared.head is not None:
-        weight, bias = prepared.head
-        head_source = "backbone"
-    else:
-        started = time.perf_counter()
-        weight, bias = fit_erm_head(
-            outputs["train"].x, outputs["train"].y, n_classes=K, steps=options["head_steps"],
-            lr=options["head_lr"], seed=seed, device=device,
-        )
-        timings["head_s"] = time.perf_counter() - started
-        head_source = "erm"
+    started = time.perf_counter()
+    problems = []
+    for name, split in outputs.items():
+        for what, array in (("features", None if split is None else split.x), ("maps", None if split is None else split.maps)):
+            if array is None:
+                continue
+            overflow = "float16 storage ends at +-65504: use dtype='float32'"
+            if precomputed:  # the npz was checked finite when read: only the storage dtype can add inf
+                cause = f"the values overflow ({overflow})"
+            else:
+                cause = f"the backbone {backbone!r} produced them" + (
+                    f", or they overflow ({overflow})" if array.dtype == np.float16 else "")
+            bad = describe_nonfinite(array, f"the {name} split's {what}", fix=cause)
+            if bad:
+                problems.append(bad)
+    if problems:
+        raise DataError(" ".join(problems) + " Nothing was cached.")
+    timings["check_s"] = time.perf_counter() - started
+
+    weight, bias, head_source = _starting_head(options, raw, prepared, outputs, K=K, seed=seed, device=device,
+                                               timings=timings)
 
     unlabeled_true_y = None
     if plan.splits.get("unlabeled") is not None and np.all(plan.splits["unlabeled"].labels >= 0):
         unlabeled_true_y = plan.splits["unlabeled"].labels.astype(np.int64)  # else unknown (npz without y)
     metadata = {
         "head_source": head_source,
+        **({"head_file": _absolute(options["head"])} if head_source == "user" else {}),
         "backbone_info": backbone_info,
         "feature_dim": int(outputs["train"].x.shape[1]),
         "split_sizes": {k: (None if v is None else len(v)) for k, v in outputs.items()},
@@ -603,6 +673,35 @@ def _build_with(dataset: str, *, rho, backbone: str, seed: int, options: dict, d
         weight=np.ascontiguousarray(weight, np.float32), bias=np.ascontiguousarray(bias, np.float32),
         metadata=metadata, block=prepared.block if prepared is not None else None,
     )
+
+
+def _starting_head(options, raw, prepared, outputs, *, K: int, seed: int, device, timings: dict):
+    """(weight (K, d), bias (K,), head_source) as chosen by ``options["head"]`` (see build_features), checked."""
+    head = options["head"]
+    d = int(outputs["train"].x.shape[1])
+    if head not in HEAD_MODES:
+        weight, bias = load_head(head)
+        source, where = "user", f"head file {head}"
+    elif head == "auto" and raw.head is not None:
+        (weight, bias), source, where = raw.head, "npz", "the npz's stored head"
+    elif head == "auto" and prepared is not None and prepared.head is not None:
+        (weight, bias), source, where = prepared.head, "backbone", "the backbone's classifier"
+    else:
+        from .head import fit_erm_head
+
+        started = time.perf_counter()
+        weight, bias = fit_erm_head(
+            outputs["train"].x, outputs["train"].y, n_classes=K, steps=options["head_steps"],
+            epochs=options["head_epochs"], batch_size=options["head_batch_size"], lr=options["head_lr"], seed=seed,
+            device=device, progress=options["progress"],
+            num_threads=1 if options["num_threads"] == "auto" else options["num_threads"],  # see selmix_ray.head
+        )
+        timings["head_s"] = time.perf_counter() - started
+        source, where = "erm", "the fitted ERM head (diverged?)"
+    problems = head_problems(np.asarray(weight), np.asarray(bias), n_classes=K, dim=d, where=where)
+    if problems:
+        raise DataError(" ".join(problems) + " Nothing was cached.")
+    return weight, bias, source
 
 
 def _make_transform(options: dict):

@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
+import selmix_ray.npz as npz
 from selmix_ray.data import (
     DATASET_DEFAULTS,
     load_dataset,
@@ -237,3 +238,111 @@ def test_npz_used_as_given(tmp_path):
     np.savez(tmp_path / "bad.npz", x_train=arrays["x_train"], y_train=arrays["y_train"])
     with pytest.raises(DataError, match="lacks x_val, y_val, x_test, y_test"):
         load_dataset("npz", root=tmp_path / "bad.npz")
+
+
+# -- npz validation (issue 11 item 6): every rule at read time, every problem in one DataError ---------
+
+
+def npz_arrays(**changes):
+    """A valid 3-class npz (30 / 9 / 12 rows, d = 5) with ``changes`` applied (None removes a key)."""
+    rng = np.random.default_rng(0)
+    arrays = {f"x_{s}": rng.normal(size=(n, 5)).astype(np.float32) for s, n in [("train", 30), ("val", 9), ("test", 12)]}
+    arrays |= {f"y_{s}": np.arange(n) % 3 for s, n in [("train", 30), ("val", 9), ("test", 12)]}
+    arrays |= changes
+    return {k: v for k, v in arrays.items() if v is not None}
+
+
+def with_value(array, index, value):
+    array = np.array(array)
+    array[index] = value
+    return array
+
+
+BASE = npz_arrays()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"x_val": with_value(BASE["x_val"], (4, 2), np.nan)},
+         r"x_val has 1 non-finite value\(s\) \(NaN or inf\), the first \(nan\) at row 4, column 2"),
+        ({"x_test": with_value(with_value(BASE["x_test"], (7, 0), np.inf), (9, 4), -np.inf)},
+         r"x_test has 2 non-finite value\(s\) .*the first \(inf\) at row 7, column 0"),
+        ({"x_train": with_value(BASE["x_train"], (29, 1), np.nan)}, r"x_train .* at row 29, column 1"),
+        ({"y_train": (np.arange(30) % 3).astype(float) + 0.4},
+         r"y_train must hold integer class indices, but holds floats \(dtype float64\); labels are refused, not truncated"),
+        ({"y_val": (np.arange(9) % 3).astype(float)}, r"y_val must hold integer class indices, but holds floats"),
+        ({"y_test": np.arange(12) % 2 == 0}, r"y_test must hold integer class indices, but holds booleans"),
+        ({"y_test": with_value(BASE["y_test"], 5, 7)},
+         r"y_test has 1 label\(s\) outside the classes 0..2 of y_train, the first 7 at row 5"),
+        ({"y_val": with_value(BASE["y_val"], 3, -2)}, r"y_val has 1 label\(s\) outside .* the first -2 at row 3"),
+        ({"x_test": np.zeros((0, 5), np.float32), "y_test": np.zeros(0, np.int64)}, r"x_test has no rows"),
+        ({"x_val": np.zeros((0, 5), np.float32), "y_val": np.zeros(0, np.int64)}, r"x_val has no rows"),
+        ({"x_unlabeled": np.zeros((0, 5), np.float32)}, r"x_unlabeled has no rows; remove x_unlabeled"),
+        ({"y_train": np.array([str(k) for k in np.arange(30) % 3])},
+         r"y_train must hold integer class indices, but holds strings .*class_names"),
+        ({"x_train": np.array([[None] * 5] * 30, dtype=object)}, r"x_train holds Python objects .* never unpickled"),
+        ({"x_test": np.array([["a"] * 5] * 12)}, r"x_test must hold real numbers .* but holds strings"),
+        ({"x_val": BASE["x_val"][:, :4]}, r"x_val has rows of shape \(4,\), but x_train has \(5,\)"),
+        ({"y_val": BASE["y_val"][:8]}, r"y_val must have shape \(9,\), one label per row of x_val"),
+        ({"y_val": np.arange(9) % 2}, r"y_val has no sample of class 2 \(of 3\)"),
+        ({"class_names": np.array(["a", "b"])},
+         r"y_train has 10 label\(s\) outside the 2 class_names, the first 2 at row 2"),
+        ({"weight": np.ones((3, 4))}, r"the npz's stored head: weight must have shape \(K, d\) = \(3, 5\)"),
+        ({"weight": with_value(np.ones((3, 5)), (1, 1), np.nan)}, r"stored head: weight has 1 non-finite value"),
+        ({"bias": np.ones(3)}, r"a bias array but no weight"),
+    ],
+)
+def test_npz_rule(tmp_path, change, message):
+    np.savez(tmp_path / "f.npz", **npz_arrays(**change))
+    with pytest.raises(DataError, match=message):
+        load_dataset("npz", root=tmp_path / "f.npz")
+
+
+def test_npz_every_problem_in_one_error(tmp_path):
+    arrays = npz_arrays(
+        x_train=with_value(BASE["x_train"], (2, 3), np.nan),
+        y_val=(np.arange(9) % 3).astype(np.float32),
+        y_test=with_value(BASE["y_test"], 0, 3),
+    )
+    np.savez(tmp_path / "f.npz", **arrays)
+    with pytest.raises(DataError) as info:
+        load_dataset("npz", root=tmp_path / "f.npz")
+    text = str(info.value)
+    assert "is not valid (3 problems)" in text
+    for part in ("x_train has 1 non-finite", "y_val must hold integer", "y_test has 1 label(s) outside"):
+        assert part in text
+
+
+def test_npz_valid_file_keeps_labels_head_and_class_names(tmp_path):
+    weight, bias = np.ones((3, 5), np.float32), np.arange(3, dtype=np.float32)
+    arrays = npz_arrays(y_train=(np.arange(30) % 3).astype(np.uint8), class_names=np.array(["a", "b", "c"]),
+                        y_unlabeled=np.array([-1, 2]), x_unlabeled=np.ones((2, 5)), weight=weight, bias=bias)
+    np.savez(tmp_path / "f.npz", **arrays)
+    raw = load_dataset("npz", root=tmp_path / "f.npz")
+    assert raw.class_names == ("a", "b", "c") and raw.pools["train"].labels.dtype == np.int64
+    np.testing.assert_array_equal(raw.head[0], weight)
+    np.testing.assert_array_equal(raw.head[1], bias)
+    assert set(raw.timings) == {"read_s", "validate_s"}
+    x = raw.pools["train"].load(np.arange(30))
+    np.testing.assert_array_equal(x, arrays["x_train"])
+
+
+def test_first_nonfinite_scans_in_chunks(monkeypatch):
+    monkeypatch.setattr(npz, "FINITE_CHUNK_ROWS", 4)
+    x = np.zeros((10, 3), np.float32)
+    assert npz.first_nonfinite(x) is None and npz.first_nonfinite(np.zeros((3, 2), np.int64)) is None
+    x[9, 2], x[6, 1] = np.inf, np.nan
+    assert npz.first_nonfinite(x) == (2, (6, 1))  # the second chunk holds the first bad row
+    images = np.zeros((5, 1, 2, 2), np.float16)
+    images[3, 0, 1, 0] = np.inf
+    assert npz.first_nonfinite(images) == (1, (3, 0, 1, 0))
+
+
+def test_npz_that_is_not_an_archive(tmp_path):
+    (tmp_path / "text.npz").write_text("x_train,y_train\n1,2\n")
+    with pytest.raises(DataError, match=r"text.npz is not an .npz archive \(it does not start like a zip file"):
+        load_dataset("npz", root=tmp_path / "text.npz")
+    np.save(tmp_path / "one.npy", np.ones(3))
+    with pytest.raises(DataError, match="single .npy array, not an .npz archive"):
+        load_dataset("npz", root=tmp_path / "one.npy")

@@ -419,3 +419,148 @@ def test_block_mode_object_store_is_zero_copy(ray_cluster, digits_cnn_block):
     assert facts["checksum"] == float(np.asarray(digits_cnn_block.train.maps, np.float64).sum())
     assert facts["block_sum"] == float(digits_cnn_block.block["state_dict"]["0.weight"].astype(np.float64).sum())
     assert facts["config"] == digits_cnn_block.block["config"]
+
+
+# -- nothing invalid is cached; the starting head (issue 11 item 6, issue 12 items 1-2) ---------------
+
+
+def small_npz(path, **changes):
+    rng = np.random.default_rng(2)
+    arrays = {f"x_{s}": rng.normal(size=(n, 4)).astype(np.float32) for s, n in [("train", 20), ("val", 6), ("test", 6)]}
+    arrays |= {f"y_{s}": np.arange(n) % 2 for s, n in [("train", 20), ("val", 6), ("test", 6)]}
+    arrays |= changes
+    np.savez(path, **arrays)
+    return path
+
+
+def test_invalid_npz_leaves_no_cache_entry(tmp_path):
+    x_test = np.ones((6, 4), np.float32)
+    x_test[3, 1] = np.nan
+    bad = small_npz(tmp_path / "bad.npz", x_test=x_test, y_val=np.arange(6.0) % 2)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError) as info:
+        build_features("npz", rho=None, root=bad, cache_dir=cache, **QUIET)
+    assert "x_test has 1 non-finite value(s)" in str(info.value) and "y_val must hold integer" in str(info.value)
+    assert not cache.exists() or list(cache.iterdir()) == []  # no entry, no temporary folder
+
+
+def test_float16_overflow_is_refused_not_cached(tmp_path):
+    x_train = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    x_train[5, 2] = 1e6  # finite in float32, inf in float16
+    path = small_npz(tmp_path / "big.npz", x_train=x_train)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match=r"train split's features has 1 non-finite .* row 5, column 2; the values "
+                                        r"overflow \(float16 storage ends at \+-65504: use dtype='float32'\)"):
+        build_features("npz", rho=None, root=path, cache_dir=cache, dtype="float16", **QUIET)
+    assert not cache.exists() or list(cache.iterdir()) == []
+    fs = build_features("npz", rho=None, root=path, cache_dir=cache, **QUIET)  # float32 holds it
+    assert fs.train.x[5, 2] == 1e6
+
+
+NAN_FACTORY = textwrap.dedent(
+    """
+    import torch
+
+    class Broken(torch.nn.Module):
+        def forward(self, images):
+            out = images.flatten(1)[:, :3].clone()
+            out[0, 1] = float("nan")
+            return out
+
+    def make(*, n_classes, in_channels):
+        return Broken()
+    """
+)
+
+
+def test_backbone_producing_nan_is_refused_not_cached(tmp_path, monkeypatch):
+    (tmp_path / "nan_backbones.py").write_text(NAN_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match=r"the train split's features has \d+ non-finite .* the backbone "
+                                        r"'nan_backbones:make' produced them\..*Nothing was cached"):
+        build_features("digits", rho=10, backbone="nan_backbones:make", cache_dir=cache, batch_size=8, **QUIET)
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def by_hand_val_metrics(weight, bias, x, y, K):
+    """Recall per class, mean/min recall and accuracy of argmax(x W^T + b), computed with plain numpy."""
+    pred = (np.asarray(x, np.float64) @ np.asarray(weight, np.float64).T + bias).argmax(axis=1)
+    recall = np.array([np.mean(pred[y == k] == k) for k in range(K)])
+    return {"mean_recall": recall.mean(), "min_recall": recall.min(), "accuracy": np.mean(pred == y)}
+
+
+def test_user_head_file_is_the_starting_head_end_to_end(tmp_path):
+    from selmix_ray import FinetuneConfig, finetune
+
+    rng = np.random.default_rng(5)
+    weight, bias = rng.normal(size=(10, 64)).astype(np.float32), rng.normal(size=10).astype(np.float32)
+    np.savez(tmp_path / "head.npz", weight=weight, bias=bias)
+    cache = tmp_path / "cache"
+    fs = build_features("digits", rho=10, backbone="identity", cache_dir=cache, head=tmp_path / "head.npz", **QUIET)
+    assert fs.metadata["head_source"] == "user" and fs.metadata["head_file"] == str((tmp_path / "head.npz").resolve())
+    np.testing.assert_array_equal(fs.weight, weight)
+    np.testing.assert_array_equal(fs.bias, bias)
+    assert fs.metadata["build_args"]["opts"]["head"] == str((tmp_path / "head.npz").resolve())  # cwd-proof
+    assert "head_s" not in fs.metadata["timings"]  # nothing was fitted
+
+    reports = []
+    finetune(fs, FinetuneConfig(steps=10, eval_every=10, refresh_every=5, batch_size=16, device="cpu"),
+             report=reports.append)
+    step0 = reports[0]
+    assert step0["step"] == 0
+    expected = by_hand_val_metrics(weight, bias, fs.val.x, fs.val.y, 10)
+    for name, value in expected.items():
+        assert step0[f"val/{name}"] == pytest.approx(value, abs=1e-12), name
+    assert expected["accuracy"] < 0.5  # a random head: clearly not the fitted one (> 0.8 on digits)
+
+    # the file's bytes are part of the key; the ERM head is a different entry
+    np.savez(tmp_path / "head.npz", weight=weight * 2, bias=bias)
+    again = build_features("digits", rho=10, backbone="identity", cache_dir=cache, head=tmp_path / "head.npz", **QUIET)
+    assert again.key != fs.key and not again.metadata["cache_hit"]
+    np.testing.assert_array_equal(again.weight, weight * 2)
+    erm = build_features("digits", rho=10, backbone="identity", cache_dir=cache, **QUIET)
+    assert erm.key not in (fs.key, again.key) and erm.metadata["head_source"] == "erm"
+
+
+def test_user_head_for_a_backbone_with_its_own_classifier(tmp_path):
+    """head= overrides the CNN's fc; head='erm' refits; a head of the wrong shape is refused, nothing cached."""
+    opts = dict(rho=10, backbone="cnn", epochs=1, **QUIET)
+    own = build_features("digits", cache_dir=tmp_path / "a", **opts)
+    assert own.metadata["head_source"] == "backbone"
+    np.savez(tmp_path / "h.npz", weight=np.ones((10, 64)))  # no bias: zeros
+    user = build_features("digits", cache_dir=tmp_path / "a", head=tmp_path / "h.npz", **opts)
+    assert user.metadata["head_source"] == "user" and np.all(user.weight == 1) and np.all(user.bias == 0)
+    np.testing.assert_array_equal(user.test.x, own.test.x)
+    erm = build_features("digits", cache_dir=tmp_path / "a", head="erm", **opts)
+    assert erm.metadata["head_source"] == "erm" and erm.metadata["timings"]["head_s"] > 0
+    np.savez(tmp_path / "wrong.npz", weight=np.ones((10, 63)), bias=np.zeros(10))
+    with pytest.raises(DataError, match=r"head file .*wrong.npz: weight must have shape \(K, d\) = \(10, 64\) .*"
+                                        r"got \(10, 63\).*Nothing was cached"):
+        build_features("digits", cache_dir=tmp_path / "b", head=tmp_path / "wrong.npz", **opts)
+    assert not (tmp_path / "b").exists() or entries(tmp_path / "b") == []
+
+
+def test_head_stored_in_the_npz_is_used(tmp_path):
+    weight, bias = np.full((2, 4), 0.5, np.float32), np.array([1.0, -1.0], np.float32)
+    path = small_npz(tmp_path / "f.npz", weight=weight, bias=bias)
+    fs = build_features("npz", rho=None, root=path, cache_dir=tmp_path / "c", **QUIET)
+    assert fs.metadata["head_source"] == "npz"
+    np.testing.assert_array_equal(fs.weight, weight)
+    np.testing.assert_array_equal(fs.bias, bias)
+    refit = build_features("npz", rho=None, root=path, cache_dir=tmp_path / "c", head="erm", **QUIET)
+    assert refit.metadata["head_source"] == "erm" and not np.array_equal(refit.weight, weight)
+
+
+def test_head_options_checked_and_in_the_key(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        build_features("digits", rho=10, backbone="identity", cache_dir=tmp_path, head="nothere.npz",
+                       head_steps=-1, head_batch_size=0, head_epochs="two", head_lr=float("nan"))
+    assert len(info.value.problems) == 5
+    for part in ("head file nothere.npz does not exist", "head_steps must be an integer >= 0",
+                 "head_batch_size must be an integer >= 1", "head_epochs must be a finite number",
+                 "head_lr must be a finite number"):
+        assert part in str(info.value)
+    base = key_for("identity")
+    for change in ({"head": "erm"}, {"head_epochs": 3}, {"head_batch_size": 512}, {"head_lr": 0.02}):
+        assert key_for("identity", **change) != base, change
