@@ -1,0 +1,151 @@
+"""Time the bootstrap intervals of ``selmix_ray.uncertainty`` and measure their coverage where the truth is known.
+
+    .venv/bin/python benchmarks/bench_uncertainty.py                      # timing + coverage tables
+    .venv/bin/python benchmarks/bench_uncertainty.py --simulations 200 --skip-large
+
+Timing: 200 trials x (val + test) x B = 1000 at K = 10 (50 val / 150 test images per class), every
+interval computed from scratch, per objective; then one interval at K = 1000 with 20 images per class
+(ImageNet-LT's validation size).
+
+Coverage: a synthetic classifier with known per-class confusion probabilities P (K = 10; row k is class
+k's distribution of predictions) is scored on a fresh validation draw (n_val images per class) and a fresh
+test draw (n_test per class) in every simulation. For each objective and nominal 90%:
+  - ``pct``/``basic``: how often the percentile / basic confidence interval from the validation draw covers
+    the TRUE value (the objective of the expected confusion diag(pi) P, pi the per-class share);
+  - ``pct->test``: how often the test value falls inside the validation confidence interval (percentile);
+  - ``pred->test``: how often it falls inside the validation prediction interval for a sample of the test
+    sizes (``kind="prediction"``), the interval made for that question;
+  - ``bias``: mean (validation value - true value), the bias of the point estimate itself.
+Two classifiers: ``spread`` (recalls evenly spread from 0.55 to 0.95, errors drawn towards the head
+classes, as after long-tailed training) and ``flat`` (every recall 0.80: a minimum of ten tied noisy
+recalls, the hardest case for min recall).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from selmix_ray.objectives import OBJECTIVES, get_objective
+from selmix_ray.uncertainty import bootstrap, interval
+
+LEVEL = 0.90
+
+
+def classifier(kind: str, K: int, seed: int = 0) -> np.ndarray:
+    """(K, K) per-class prediction probabilities P (rows sum to 1, rows = true class)."""
+    rng = np.random.default_rng(seed)
+    recall = np.linspace(0.95, 0.55, K) if kind == "spread" else np.full(K, 0.80)
+    head_pull = np.linspace(3.0, 0.3, K)  # errors go to head classes more often
+    P = np.zeros((K, K))
+    for k in range(K):
+        weights = rng.dirichlet(head_pull) if kind == "spread" else np.full(K, 1.0)
+        weights[k] = 0.0
+        P[k] = (1 - recall[k]) * weights / weights.sum()
+        P[k, k] = recall[k]
+    return P
+
+
+def draw(P: np.ndarray, sizes: np.ndarray, rng) -> np.ndarray:
+    return np.stack([rng.multinomial(n, row) for n, row in zip(sizes, P)])
+
+
+def timing(objectives: list[str], *, trials: int, resamples: int) -> None:
+    K = 10
+    P = classifier("spread", K)
+    rng = np.random.default_rng(0)
+    confusions = [(draw(P, np.full(K, 50), rng), draw(P, np.full(K, 150), rng)) for _ in range(trials)]
+    print(f"\n### Timing: {trials} trials x (val 50/class + test 150/class) x B = {resamples}, K = {K}\n")
+    print("| objective | seconds | ms per interval |")
+    print("|---|---:|---:|")
+    for name in objectives:
+        objective = get_objective(name)
+        start = time.perf_counter()
+        for index, (val, test) in enumerate(confusions):
+            interval(val, objective, resamples=resamples, seed=index)
+            interval(test, objective, resamples=resamples, seed=index)
+        seconds = time.perf_counter() - start
+        print(f"| {name} | {seconds:.2f} | {1000 * seconds / (2 * trials):.2f} |")
+
+
+def timing_large(objectives: list[str], *, resamples: int) -> None:
+    K, n = 1000, 20
+    rng = np.random.default_rng(0)
+    P = np.zeros((K, K))
+    for k in range(K):  # recall about 0.5, errors on 8 other classes
+        others = rng.choice(np.delete(np.arange(K), k), size=8, replace=False)
+        P[k, others] = rng.dirichlet(np.ones(8)) * 0.5
+        P[k, k] = 0.5
+    counts = draw(P, np.full(K, n), rng)
+    print(f"\n### Timing: one interval at K = {K}, {n} images per class, B = {resamples}\n")
+    print("| objective | seconds | interval |")
+    print("|---|---:|---|")
+    for name in objectives:
+        objective = get_objective(name)
+        start = time.perf_counter()
+        result = interval(counts, objective, resamples=resamples, seed=0)
+        print(f"| {name} | {time.perf_counter() - start:.2f} | {result} |")
+
+
+def coverage(objectives: list[str], *, sizes: tuple[int, int], kind: str, simulations: int, resamples: int,
+             seed: int) -> None:
+    K = 10
+    n_val, n_test = sizes
+    P = classifier(kind, K)
+    val_sizes, test_sizes = np.full(K, n_val), np.full(K, n_test)
+    truth_counts = P * (val_sizes / val_sizes.sum())[:, None]  # expected joint confusion diag(pi) P
+    print(f"\n### Coverage of nominal {LEVEL:.0%}: K = {K}, {n_val} val / {n_test} test images per class, "
+          f"'{kind}' classifier, {simulations} simulations, B = {resamples}\n")
+    print("| objective | true | bias | pct | basic | pct->test | pred->test | width pct | width pred |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    tail = (1 - LEVEL) / 2
+    for name in objectives:
+        objective = get_objective(name)
+        truth = objective.value(truth_counts)
+        rng = np.random.default_rng(seed)
+        hits = {"pct": 0, "basic": 0, "pct->test": 0, "pred->test": 0}
+        bias = width_pct = width_pred = 0.0
+        for index in range(simulations):
+            val, test = draw(P, val_sizes, rng), draw(P, test_sizes, rng)
+            point, test_value = objective.value(val), objective.value(test)
+            draws = bootstrap(val, objective, resamples=resamples, seed=index)
+            low, high = np.quantile(draws, [tail, 1 - tail])
+            predicted = interval(val, objective, kind="prediction", new_sizes=test_sizes, resamples=resamples,
+                                 seed=index)
+            hits["pct"] += low <= truth <= high
+            hits["basic"] += 2 * point - high <= truth <= 2 * point - low
+            hits["pct->test"] += low <= test_value <= high
+            hits["pred->test"] += predicted.low <= test_value <= predicted.high
+            bias += point - truth
+            width_pct += high - low
+            width_pred += predicted.high - predicted.low
+        rates = " | ".join(f"{hits[key] / simulations:.2f}" for key in hits)
+        print(f"| {name} | {truth:.3f} | {bias / simulations:+.3f} | {rates} | {width_pct / simulations:.3f} | "
+              f"{width_pred / simulations:.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--simulations", type=int, default=400, help="simulated val/test draws per cell")
+    parser.add_argument("--resamples", type=int, default=1000, help="B")
+    parser.add_argument("--trials", type=int, default=200, help="trials in the timing run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-large", action="store_true", help="skip the K = 1000 timing")
+    parser.add_argument("--skip-coverage", action="store_true")
+    args = parser.parse_args()
+    names = sorted(set(OBJECTIVES) - {"custom"})
+    timing(["min_recall", "hmean", "mean_recall_min_coverage"], trials=args.trials, resamples=args.resamples)
+    if not args.skip_large:
+        timing_large(["min_recall", "hmean", "mean_recall_min_coverage"], resamples=args.resamples)
+    if args.skip_coverage:
+        return
+    for sizes in ((50, 150), (20, 50)):
+        for kind in ("spread", "flat"):
+            coverage(names, sizes=sizes, kind=kind, simulations=args.simulations, resamples=args.resamples,
+                     seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()
