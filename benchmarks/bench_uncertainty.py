@@ -5,7 +5,8 @@
 
 Timing: 200 trials x (val + test) x B = 1000 at K = 10 (50 val / 150 test images per class), every
 interval computed from scratch, per objective; then one interval at K = 1000 with 20 images per class
-(ImageNet-LT's validation size).
+(ImageNet-LT's validation size). Wall and CPU seconds: numpy runs these single-threaded, so CPU seconds are
+what an idle core would take when the machine is shared.
 
 Coverage: a synthetic classifier with known per-class confusion probabilities P (K = 10; row k is class
 k's distribution of predictions) is scored on a fresh validation draw (n_val images per class) and a fresh
@@ -16,6 +17,9 @@ test draw (n_test per class) in every simulation. For each objective and nominal
   - ``pred->test``: how often it falls inside the validation prediction interval for a sample of the test
     sizes (``kind="prediction"``), the interval made for that question;
   - ``bias``: mean (validation value - true value), the bias of the point estimate itself.
+Selection: the true min recall of the candidate each rule of ``uncertainty.SELECTION_RULES`` picks among
+60 synthetic candidates scored on fresh validation draws.
+
 Two classifiers: ``spread`` (recalls evenly spread from 0.55 to 0.95, errors drawn towards the head
 classes, as after long-tailed training) and ``flat`` (every recall 0.80: a minimum of ten tied noisy
 recalls, the hardest case for min recall).
@@ -29,7 +33,7 @@ import time
 import numpy as np
 
 from selmix_ray.objectives import OBJECTIVES, get_objective
-from selmix_ray.uncertainty import bootstrap, interval
+from selmix_ray.uncertainty import SELECTION_RULES, bootstrap, interval, select
 
 LEVEL = 0.90
 
@@ -58,16 +62,16 @@ def timing(objectives: list[str], *, trials: int, resamples: int) -> None:
     rng = np.random.default_rng(0)
     confusions = [(draw(P, np.full(K, 50), rng), draw(P, np.full(K, 150), rng)) for _ in range(trials)]
     print(f"\n### Timing: {trials} trials x (val 50/class + test 150/class) x B = {resamples}, K = {K}\n")
-    print("| objective | seconds | ms per interval |")
-    print("|---|---:|---:|")
+    print("| objective | wall s | CPU s | CPU ms per interval |")
+    print("|---|---:|---:|---:|")
     for name in objectives:
         objective = get_objective(name)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for index, (val, test) in enumerate(confusions):
             interval(val, objective, resamples=resamples, seed=index)
             interval(test, objective, resamples=resamples, seed=index)
-        seconds = time.perf_counter() - start
-        print(f"| {name} | {seconds:.2f} | {1000 * seconds / (2 * trials):.2f} |")
+        seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        print(f"| {name} | {seconds:.2f} | {cpu:.2f} | {1000 * cpu / (2 * trials):.2f} |")
 
 
 def timing_large(objectives: list[str], *, resamples: int) -> None:
@@ -80,13 +84,13 @@ def timing_large(objectives: list[str], *, resamples: int) -> None:
         P[k, k] = 0.5
     counts = draw(P, np.full(K, n), rng)
     print(f"\n### Timing: one interval at K = {K}, {n} images per class, B = {resamples}\n")
-    print("| objective | seconds | interval |")
-    print("|---|---:|---|")
+    print("| objective | wall s | CPU s | interval |")
+    print("|---|---:|---:|---|")
     for name in objectives:
         objective = get_objective(name)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = interval(counts, objective, resamples=resamples, seed=0)
-        print(f"| {name} | {time.perf_counter() - start:.2f} | {result} |")
+        print(f"| {name} | {time.perf_counter() - start:.2f} | {time.process_time() - start_cpu:.2f} | {result} |")
 
 
 def coverage(objectives: list[str], *, sizes: tuple[int, int], kind: str, simulations: int, resamples: int,
@@ -126,6 +130,33 @@ def coverage(objectives: list[str], *, sizes: tuple[int, int], kind: str, simula
               f"{width_pred / simulations:.3f} |")
 
 
+def selection(*, candidates: int, n_val: int, simulations: int, resamples: int, seed: int) -> None:
+    """Each simulation scores ``candidates`` synthetic classifiers (K = 10, known recalls: a level between
+    0.70 and 0.85 plus a class profile whose spread, 0.01 to 0.08, sets how tied the minimum is) on fresh
+    validation draws and lets every rule pick one; the table gives the true min recall of the pick."""
+    K = 10
+    rng = np.random.default_rng(seed)
+    recalls = np.clip(rng.uniform(0.70, 0.85, size=(candidates, 1))
+                      + rng.uniform(0.01, 0.08, size=(candidates, 1)) * rng.normal(size=(candidates, K)), 0.3, 0.99)
+    truth = recalls.min(axis=1)
+    classifiers = [((1 - r) / (K - 1))[:, None] * (1 - np.eye(K)) + np.diag(r) for r in recalls]
+    objective = get_objective("min_recall")
+    picked = {rule: [] for rule in SELECTION_RULES}
+    for index in range(simulations):
+        counts = {t: draw(P, np.full(K, n_val), rng) for t, P in enumerate(classifiers)}
+        for rule in SELECTION_RULES:
+            picked[rule].append(truth[select(counts, objective, rule=rule, resamples=resamples, seed=index)])
+    print(f"\n### Selection rules: {candidates} synthetic candidates, K = {K}, {n_val} val images per class, "
+          f"{simulations} simulations, B = {resamples}; best true min recall {truth.max():.3f}, "
+          f"median {np.median(truth):.3f}\n")
+    print("| rule | true min recall of the pick (mean) | regret vs the best (mean) | picked the best |")
+    print("|---|---:|---:|---:|")
+    for rule, values in picked.items():
+        values = np.asarray(values)
+        print(f"| {rule} | {values.mean():.3f} | {truth.max() - values.mean():.3f} | "
+              f"{np.mean(values == truth.max()):.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--simulations", type=int, default=400, help="simulated val/test draws per cell")
@@ -134,11 +165,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-large", action="store_true", help="skip the K = 1000 timing")
     parser.add_argument("--skip-coverage", action="store_true")
+    parser.add_argument("--selection-simulations", type=int, default=100, help="0 skips the selection table")
     args = parser.parse_args()
     names = sorted(set(OBJECTIVES) - {"custom"})
     timing(["min_recall", "hmean", "mean_recall_min_coverage"], trials=args.trials, resamples=args.resamples)
     if not args.skip_large:
         timing_large(["min_recall", "hmean", "mean_recall_min_coverage"], resamples=args.resamples)
+    if args.selection_simulations:
+        for n_val in (50, 20):
+            selection(candidates=60, n_val=n_val, simulations=args.selection_simulations,
+                      resamples=args.resamples, seed=args.seed)
     if args.skip_coverage:
         return
     for sizes in ((50, 150), (20, 50)):

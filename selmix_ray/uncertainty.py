@@ -13,18 +13,25 @@ The resampling (one definition for everything below)
 
     Built-in objectives are evaluated on a whole stack of replicates at once from a cheap representation:
     the (B, K) diagonal counts (every recall objective needs only these, and the diagonal of a multinomial
-    row is Binomial(n_k, p_kk), one draw per class) plus, for the coverage-constrained objectives only,
-    the (B, K) column sums. Those come from the row multinomials drawn as a chain of conditional binomials
-    over each row's nonzero entries (diagonal first, so the diagonal is the same draw either way), O(B K m)
-    for m the most nonzero entries in a row, never a (B, K, K) array. A custom objective, or a subclass
-    outside the registry, gets full (B, K, K) confusions and is evaluated in a Python loop (slow, exact).
-    Measured (``benchmarks/bench_uncertainty.py``): 200 trials x (val + test) x B = 1000 at K = 10 takes
-    well under the 3 s target; K = 1000 at 20 images per class is feasible at B = 1000 (the numbers are
-    in that script's output and the report that added it).
+    row is Binomial(n_k, p_kk), one draw per class, by inverting its CDF) plus, for the coverage-constrained
+    objectives only, the (B, K) column sums. Those come from the row multinomials drawn as a chain of
+    conditional binomials over each row's nonzero entries (diagonal first, so the diagonal is the same draw
+    either way), O(B K m) for m the most nonzero entries in a row, never a (B, K, K) array. A custom
+    objective, or a subclass outside the registry, gets full (B, K, K) confusions and is evaluated in a
+    Python loop (slow, exact). At a coverage exactly on its bound alpha/K the vectorised value and
+    ``objective.value`` may fall on different sides through rounding (they sum the coverage in a different
+    order); off the bound they agree to 1e-12.
+
+    Cost (``benchmarks/bench_uncertainty.py``, CPU seconds of one core; wall time was 2.5x that on the
+    shared 2-core machine): 200 trials x (val 50/class + test 150/class) x B = 1000 at K = 10 takes 0.4 s
+    for the recall objectives and 2.3 s for the coverage-constrained ones (their K-step chain of binomial
+    draws); one interval at K = 1000, 20 images per class, B = 1000 takes 0.1 s (recall objectives) and
+    0.45 s (coverage), so B = 1000 stays the default there too.
 
 Decisions (not settled elsewhere)
-    - B (``resamples``) defaults to 1000: the 5% and 95% quantiles then move by about 0.01 of a recall
-      between seeds at 50 images per class, well below one image (0.02).
+    - B (``resamples``) defaults to 1000: the ends of a 90% interval then move by about 0.001 (mean recall),
+      0.002 (H-mean) and 0.007 (min recall, whose values step by one image, 0.02) between seeds at 50 images
+      per class, K = 10.
     - Deterministic given ``seed`` (``numpy.random.default_rng``). Two classifiers compared without
       per-image predictions are resampled from independent streams derived from the one seed.
     - Fractional counts (cross-fitted validation, or means over repeats): row k is read as the
@@ -34,18 +41,31 @@ Decisions (not settled elsewhere)
       scored r times, so n_k is the per-copy image count, row sum / r, not r times it. Drawing n_k images
       from the pooled row is exact when the copies agree on every image and conservative (wider) when they
       disagree, since a resampled image would carry the mean of its r predictions.
-    - Interval type: ``"percentile"`` (the quantiles of the replicates) by default, and ``"basic"`` (the
-      replicates reflected about the point value, 2 v - q) as an option. For a smooth objective (mean recall)
-      both cover at about the nominal rate. For the minimum of noisy recalls (min recall and its relatives)
-      at small n_k the point value is itself biased low (the minimum picks the unluckiest class) and the
-      replicates are lower still, so the percentile interval sits too low; "basic" shifts it back by the
-      bootstrap's estimate of that bias. The measured coverage of both is in ``bench_uncertainty.py``.
+    - Interval type: ``"percentile"`` (the 5% and 95% quantiles of the replicates) or ``"basic"`` (the same
+      reflected about the point value v: 2 v - q95, 2 v - q5), and ``"auto"`` (the default) picks basic for
+      the objectives dominated by the worst of the K classes (:data:`BASIC_BY_DEFAULT`: min recall, G-mean,
+      H-mean, per-class coverage constraints) and percentile for the others (means, head/tail groups).
+      Why: the minimum of K noisy recalls is biased low (it picks the unluckiest class) and its replicates
+      are lower still, so the percentile interval sits too low; basic shifts it back by the bootstrap's
+      estimate of that bias. Measured coverage of the truth at nominal 90% (K = 10, 400 simulations):
+      min recall with every recall tied at 0.8 (what post-hoc class weights tend to produce): percentile
+      0.01 / 0.04, basic 0.79 / 0.92 at 50 / 20 validation images per class; with recalls spread 0.55-0.95:
+      percentile 0.83 / 0.79, basic 0.81 / 0.84; H-mean percentile 0.83-0.88, basic 0.89-0.93; mean
+      recall 0.86-0.90 either way. Not repaired: a coverage-constrained value whose true coverage sits just
+      above alpha/K (0.100 vs 0.095) is infeasible in most validation draws, and its interval covers the
+      truth in none (the value jumps by 1 at the bound); at 20 images per class min_head_tail_recall covers
+      0.89 with percentile, 0.75 with basic. At K = 1000 with 20 images per class neither type can be
+      trusted for the worst-class objectives: in the bench (every true recall 0.5) the observed min recall
+      is 0.20, the basic interval [0.30, 0.40] and the percentile one [0.05, 0.15]; an H-mean whose
+      replicates often hold a zero recall (value 0) gets a basic interval above its point value.
     - Confidence versus prediction. A confidence interval covers the objective's true value (the
       classifier's expected confusion); a prediction interval covers the value a fresh sample of given
-      per-class sizes will show (a test set): it is wider, by about sqrt(2) for equal sizes, because the
-      new sample has its own noise. ``interval(..., kind="prediction", new_sizes=...)`` returns the latter,
-      computed as v + quantiles of (V*_new - V*_same) with two independent replicates, one at the new sizes
-      and one at the stored sizes (this also carries the size-dependent bias of a minimum). Tables show the
+      per-class sizes will show (a test set): it is wider (by about sqrt(2) for equal sizes) because the
+      new sample has its own noise. ``interval(..., kind="prediction", new_sizes=...)`` returns it, as
+      v + quantiles of (V*_new - V*_same) from two independent replicates, one at the new sizes and one at
+      the stored sizes (which also carries the size-dependent bias of a minimum). Measured at 50 val / 150
+      test images per class: the test value falls inside the validation confidence interval 0.80-0.86 of
+      the time (0.43 for tied min recall), inside the prediction interval 0.85-0.95. Tables show the
       confidence interval unless they say otherwise.
     - Per-class recall intervals are Wilson score intervals (closed form, no resampling): they stay sensible
       at recall 0 or 1 with 20 images, where a bootstrap interval collapses to a point.
@@ -58,11 +78,13 @@ Decisions (not settled elsewhere)
       exceeds the baseline's (ties count half): a bootstrap probability, not a posterior.
     - Verdict: "better" or "worse" when the ``level`` interval of the difference (trial - baseline) excludes
       0, else "indistinguishable". Default level 0.90.
-    - Selection rules (:data:`SELECTION_RULES`): ``"max"`` the highest point value (today's rule);
-      ``"lcb"`` the highest lower bound of the one-sided ``level`` confidence bound, which prefers a trial
-      whose value is both high and stable under resampling (the winner of ``max`` among many noisy trials
-      is partly the luckiest); ``"mean"`` the highest bootstrap mean, a rule that penalises trials whose
-      value rests on one near-tied minimum (a minimum of several close noisy recalls is lower on average).
+    - Selection rules (:data:`SELECTION_RULES`): ``"max"`` the highest point value (today's rule) and
+      ``"lcb"`` the highest lower end of the ``level`` percentile interval, which prefers a trial whose value
+      is both high and stable under resampling (the winner of ``max`` among many noisy trials is partly the
+      luckiest). Measured on 60 synthetic candidates (K = 10, true min recall best 0.827, median 0.693): the pick's true
+      min recall is 0.777 (lcb) vs 0.773 (max) at 50 validation images per class and 0.755 vs 0.754 at 20:
+      a small gain, far from closing the 0.05-0.07 gap to the best candidate. A third rule, the
+      bias-corrected point value 2 v - mean(V*), was measured too (0.772 and 0.745) and left out.
 """
 
 from __future__ import annotations
@@ -104,9 +126,10 @@ __all__ = [
 DEFAULT_RESAMPLES = 1000  # B, bootstrap replicates per confusion
 DEFAULT_LEVEL = 0.90  # two-sided confidence level of every interval
 METHODS = ("auto", "percentile", "basic")
-BASIC_BY_DEFAULT = ("min_recall",)  # objectives "auto" gives the basic interval (module docstring)
+# objectives dominated by the worst of the K classes, which "auto" gives the basic interval (module docstring)
+BASIC_BY_DEFAULT = ("min_recall", "gmean", "hmean", "mean_recall_min_coverage", "hmean_min_coverage")
 KINDS = ("confidence", "prediction")
-SELECTION_RULES = ("max", "lcb", "corrected")
+SELECTION_RULES = ("max", "lcb")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -298,13 +321,12 @@ def resample(
         active = np.flatnonzero(last >= j)  # rows whose chain is not finished (sparse rows stop early)
         if j == 0:  # every row starts from n_k: one inverse-CDF table per class (faster than binomial())
             drawn = _binomial_rows(n, conditional[:, 0], B, rng)  # (B, K)
-            remaining -= drawn
-        elif active.size == K:
-            drawn = rng.binomial(remaining, conditional[:, j])  # (B, K)
-            remaining -= drawn
-        else:
-            drawn = rng.binomial(remaining[:, active], conditional[active, j])  # (B, active)
-            remaining[:, active] -= drawn
+        else:  # (B, active); a row's last nonzero entry takes what remains, without a draw
+            drawn = remaining[:, active]
+            more = last[active] > j
+            if more.any():
+                drawn[:, more] = rng.binomial(drawn[:, more], conditional[active[more], j])
+        remaining[:, active] -= drawn
         if j == 0:
             diagonal = drawn.astype(np.float64)
         if columns:
@@ -409,7 +431,7 @@ def _vectorised(objective: Objective) -> bool:
     return name != "custom" and OBJECTIVES.get(name) is type(objective)
 
 
-def needs_columns(objective: Objective) -> bool:
+def _needs_columns(objective: Objective) -> bool:
     """True when the objective's value looks at column sums (coverage-constrained objectives)."""
     return _vectorised(objective) and "coverage" in objective.name
 
@@ -453,7 +475,7 @@ def bootstrap(
     _check_objective(objective)
     replicates = resample(
         counts, resamples=resamples, seed=seed, repeats=repeats, sizes=sizes,
-        columns=needs_columns(objective), full=not _vectorised(objective),
+        columns=_needs_columns(objective), full=not _vectorised(objective),
     )
     return replicate_values(objective, replicates)
 
@@ -520,7 +542,7 @@ def interval(
         objective: any :class:`~selmix_ray.objectives.Objective` (a re-ranking objective too).
         level: nominal two-sided coverage.
         method: "percentile" (quantiles of the replicates), "basic" (reflected about the point value) or
-            "auto" ("basic" for min recall, "percentile" otherwise: module docstring).
+            "auto" ("basic" for :data:`BASIC_BY_DEFAULT`, "percentile" otherwise: module docstring).
         kind: "confidence" (covers the true value) or "prediction" (covers the value on a fresh sample with
             ``new_sizes`` images per class; the stored sizes when None).
         resamples, seed, repeats: as :func:`resample`.
@@ -658,7 +680,7 @@ def compare_paired(
     _check_objective(objective)
     replicates = resample_paired(
         labels, {"trial": trial_predictions, "baseline": baseline_predictions}, n_classes=n_classes,
-        resamples=resamples, seed=seed, columns=needs_columns(objective), full=not _vectorised(objective),
+        resamples=resamples, seed=seed, columns=_needs_columns(objective), full=not _vectorised(objective),
     )
     points = [objective.value(confusion_counts(labels, predictions, n_classes))
               for predictions in (trial_predictions, baseline_predictions)]
@@ -732,9 +754,8 @@ def selection_scores(
 
     Args:
         candidates: id -> (K, K) validation counts at the candidate's selected report.
-        rule: "max" (point value), "lcb" (the lower end of the two-sided ``level`` interval of ``method``,
-            as :func:`interval`: a one-sided (1 + level) / 2 lower bound), "corrected" (the bias-corrected
-            point value 2 v - mean of the replicates).
+        rule: "max" (point value) or "lcb" (the lower end of the two-sided ``level`` interval of
+            ``method``, as :func:`interval`: a one-sided (1 + level) / 2 lower bound).
         method: the interval behind "lcb". "percentile" by default even for min recall: the basic lower end
             of a minimum, v - (q_high - v), sees only the replicates' upward spread, which a minimum hardly
             has, so it would not penalise a noisy trial.
@@ -755,10 +776,7 @@ def selection_scores(
             scores[key] = point
             continue
         draws = bootstrap(counts, objective, resamples=resamples, seed=stream, repeats=repeats)
-        if rule == "lcb":
-            scores[key] = _bounds(point, draws, level, method)[0]
-        else:
-            scores[key] = 2.0 * point - float(draws.mean())
+        scores[key] = _bounds(point, draws, level, method)[0]
     return scores
 
 

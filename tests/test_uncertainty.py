@@ -418,16 +418,10 @@ def test_selection_rules():
     candidates = {"lucky": lucky, "steady": steady}
     assert select(candidates, objective, rule="max") == "lucky"
     assert select(candidates, objective, rule="lcb") == "steady"
-    # a tied minimum of many noisy recalls is biased low; "corrected" credits it, "max" does not
-    K = 10
-    one_weak = np.eye(K) * 47 + (1 - np.eye(K)) * 3 / (K - 1)  # recall 0.94 on 50 images per class
-    one_weak[0] = 15 / (K - 1)
-    one_weak[0, 0] = 35  # but class 0 at 0.70
-    tied = np.eye(K) * 35.5 + (1 - np.eye(K)) * 14.5 / (K - 1)  # every recall 0.71
-    scores = selection_scores({"one_weak": one_weak, "tied": tied}, objective, rule="corrected")
-    assert objective.value(tied) - objective.value(one_weak) == pytest.approx(0.01)
-    assert scores["tied"] - scores["one_weak"] > 0.02
-    assert set(SELECTION_RULES) == {"max", "lcb", "corrected"}
+    scores = selection_scores(candidates, objective, rule="lcb")
+    assert scores["lucky"] < 0.8 and scores["steady"] < 0.78  # lower bounds below the point values
+    assert scores == selection_scores(candidates, objective, rule="lcb")  # deterministic
+    assert SELECTION_RULES == ("max", "lcb")
     with pytest.raises(ConfigError, match="rule"):
         select(candidates, objective, rule="best")
 
