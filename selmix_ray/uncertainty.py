@@ -89,6 +89,7 @@ Decisions (not settled elsewhere)
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -115,6 +116,7 @@ __all__ = [
     "replicate_values",
     "bootstrap",
     "interval",
+    "intervals",
     "recall_intervals",
     "compare",
     "compare_paired",
@@ -253,13 +255,15 @@ def _binomial_rows(trials: np.ndarray, probability: np.ndarray, resamples: int, 
     return np.searchsorted(np.concatenate(tables), shifted, side="right") - starts
 
 
-def _streams(seed, count: int) -> list[np.random.Generator]:
-    """``count`` independent generators: ``default_rng([seed, i])`` for an int seed, spawned from a Generator."""
+def _streams(seed, keys: list) -> list[np.random.Generator]:
+    """One independent generator per key: ``default_rng([seed, crc32(str(key))])`` for an int seed, so a
+    trial's replicates do not depend on which other trials are scored beside it; spawned in order from a
+    Generator."""
     if isinstance(seed, np.random.Generator):
-        return seed.spawn(count)
+        return seed.spawn(len(keys))
     if not is_int(seed) or seed < 0:
         raise ConfigError(f"seed must be an integer >= 0 (or a numpy Generator), but got seed={seed!r}.")
-    return [np.random.default_rng([int(seed), index]) for index in range(count)]
+    return [np.random.default_rng([int(seed), zlib.crc32(str(key).encode())]) for key in keys]
 
 
 def resample(
@@ -366,6 +370,7 @@ def resample_paired(
     for predicted in predictions.values():
         confusion_counts(labels, np.asarray(predicted), n_classes)  # validates shape and range
     K, B = int(n_classes), int(resamples)
+    labels = labels.astype(np.int64)
     sizes = np.bincount(labels, minlength=K)
     empty = np.flatnonzero(sizes == 0)
     if empty.size:
@@ -440,7 +445,9 @@ def replicate_values(objective: Objective, replicates: Replicates) -> np.ndarray
     """(B,) ``objective.value`` of every replicate, vectorised for the built-in objectives.
 
     A custom objective (or a subclass outside the registry) is evaluated replicate by replicate on
-    ``replicates.confusions``, which must then have been drawn (``full=True``).
+    ``replicates.confusions``, which must then have been drawn (``full=True``). The vectorised formulas
+    repeat those of :func:`selmix_ray.metrics.metric_values` and the coverage objectives' ``_value``;
+    ``tests/test_uncertainty.py`` checks them against ``objective.value`` for every registered objective.
     """
     _check_objective(objective)
     K = replicates.sizes.shape[0]
@@ -492,7 +499,9 @@ class Interval:
         point: the value on the stored counts.
         low, high: the interval's ends.
         level: its nominal coverage (0.9: a 90% interval).
-        method: "percentile" or "basic"; kind: "confidence" or "prediction".
+        method: "percentile" or "basic" (a prediction interval is always v + quantiles of
+            V*_new - V*_same, a basic-type pivot, and says "basic").
+        kind: "confidence" or "prediction".
         resamples: B.
     """
 
@@ -565,6 +574,20 @@ def interval(
         method = "basic"
     return Interval(point=point, low=float(low), high=float(high), level=float(level), method=method,
                     kind=kind, resamples=int(resamples))
+
+
+def intervals(
+    confusions: Mapping[Hashable, np.ndarray], objective: Objective, *, level: float = DEFAULT_LEVEL,
+    method: str = "auto", kind: str = "confidence", new_sizes=None, resamples: int = DEFAULT_RESAMPLES, seed=0,
+    repeats: int = 1,
+) -> dict[Hashable, Interval]:
+    """:func:`interval` of every confusion in ``confusions`` (id -> (K, K) counts), e.g. one per trial for a
+    table. Each id gets its own stream derived from ``seed`` and the id, so an interval does not change
+    when other trials join the table."""
+    streams = _streams(seed, list(confusions))
+    return {key: interval(counts, objective, level=level, method=method, kind=kind, new_sizes=new_sizes,
+                          resamples=resamples, seed=stream, repeats=repeats)
+            for stream, (key, counts) in zip(streams, confusions.items())}
 
 
 def recall_intervals(counts, *, level: float = DEFAULT_LEVEL, repeats: int = 1) -> np.ndarray:
@@ -640,7 +663,7 @@ def compare(
 ) -> Comparison:
     """Trial against baseline from confusion counts alone: the unpaired per-class bootstrap.
 
-    The two are resampled independently (streams ``[seed, 0]`` and ``[seed, 1]``), since counts do not say
+    The two are resampled independently (two streams derived from ``seed``), since counts do not say
     which images each got right; the interval is too wide (conservative) when their errors fall on the same
     images. Use :func:`compare_paired` when per-image predictions exist.
 
@@ -657,7 +680,7 @@ def compare(
             f"trial_counts and baseline_counts must have the same shape (K, K), but got "
             f"{trial_counts.shape} and {baseline_counts.shape}."
         )
-    trial_rng, baseline_rng = _streams(seed, 2)
+    trial_rng, baseline_rng = _streams(seed, ["trial", "baseline"])
     trial_draws = bootstrap(trial_counts, objective, resamples=resamples, seed=trial_rng, repeats=trial_repeats)
     baseline_draws = bootstrap(baseline_counts, objective, resamples=resamples, seed=baseline_rng,
                                repeats=baseline_repeats)
@@ -759,7 +782,7 @@ def selection_scores(
         method: the interval behind "lcb". "percentile" by default even for min recall: the basic lower end
             of a minimum, v - (q_high - v), sees only the replicates' upward spread, which a minimum hardly
             has, so it would not penalise a noisy trial.
-        seed: candidate i (in iteration order) is resampled from stream [seed, i].
+        seed: each candidate is resampled from its own stream, derived from ``seed`` and its id.
         repeats: copies summed into each candidate's counts.
     """
     _check_objective(objective)
@@ -769,7 +792,7 @@ def selection_scores(
     if not candidates:
         raise DataError("candidates is empty: give id -> (K, K) validation counts of at least one trial.")
     scores = {}
-    streams = _streams(seed, len(candidates))
+    streams = _streams(seed, list(candidates))
     for stream, (key, counts) in zip(streams, candidates.items()):
         point = float(objective.value(_check_counts(counts, f"candidate {key!r}")))
         if rule == "max":

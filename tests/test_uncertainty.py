@@ -21,6 +21,7 @@ from selmix_ray.uncertainty import (
     compare,
     compare_paired,
     interval,
+    intervals,
     recall_intervals,
     replicate_values,
     resample,
@@ -220,6 +221,18 @@ def test_interval_is_deterministic_given_the_seed():
     assert first.low <= first.point <= first.high
     assert first.point == objective.value(counts)
     assert re.fullmatch(r"\d\.\d{3} \[90%: \d\.\d{3}, \d\.\d{3}\]", str(first))
+
+
+def test_table_intervals_do_not_depend_on_the_other_trials():
+    rng = np.random.default_rng(14)
+    first, second, third = (skewed_counts(rng) for _ in range(3))
+    objective = make_objective("hmean")
+    alone = intervals({"3f2a": first}, objective, seed=5)["3f2a"]
+    table = intervals({"0c1d": third, "3f2a": first, "9e8b": second}, objective, seed=5)
+    assert table["3f2a"] == alone
+    assert table["0c1d"] == intervals({"0c1d": third}, objective, seed=5)["0c1d"]
+    twins = intervals({"a": first, "b": first}, objective, seed=5)  # same counts, own streams
+    assert twins["a"].point == twins["b"].point and twins["a"] != twins["b"]
 
 
 def test_basic_interval_reflects_the_percentile_one_about_the_point():
