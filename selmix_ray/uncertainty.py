@@ -75,7 +75,8 @@ Decisions (not settled elsewhere)
       other plus a post-hoc correction. :func:`compare_paired` takes per-image predictions of both models on
       the same validation images and resamples the images once for both ("paired"), the right computation
       once the engine stores predictions. P(better) is the fraction of replicates where the trial's value
-      exceeds the baseline's (ties count half): a bootstrap probability, not a posterior.
+      exceeds the baseline's (ties count half; reflected like the interval under the basic method): a
+      bootstrap probability, not a posterior.
     - Verdict: "better" or "worse" when the ``level`` interval of the difference (trial - baseline) excludes
       0, else "indistinguishable". Default level 0.90.
     - Selection rules (:data:`SELECTION_RULES`): ``"max"`` the highest point value (today's rule) and
@@ -618,7 +619,9 @@ class Comparison:
         trial, baseline: the two point values.
         difference: trial - baseline (point).
         low, high: the ``level`` interval of the difference.
-        prob_better: the fraction of replicates where the trial's value exceeds the baseline's (ties half).
+        prob_better: the fraction of replicates where the trial's value exceeds the baseline's (ties half);
+            with the basic method, of the replicated differences reflected about the point difference, so
+            that a lower end above 0 at level 0.9 always comes with P(better) >= 0.95.
         level, method, resamples: as :class:`Interval`.
         paired: True when the same resampled images scored both (per-image predictions), False when the two
             were resampled independently from counts (conservative when their errors are correlated).
@@ -650,6 +653,8 @@ class Comparison:
         draws = trial_draws - baseline_draws
         difference = float(trial) - float(baseline)
         low, high = _bounds(difference, draws, level, method)
+        if method == "basic":  # the distribution the basic interval reads: draws reflected about the point
+            draws = 2.0 * difference - draws
         prob = float(np.mean(draws > 0) + 0.5 * np.mean(draws == 0))
         return cls(trial=float(trial), baseline=float(baseline), difference=difference, low=low, high=high,
                    prob_better=prob, level=float(level), method=method, resamples=int(draws.size),

@@ -417,6 +417,12 @@ def test_verdict_sentence_states_the_numbers():
     assert verdict(level).kind == "indistinguishable"
     assert "is indistinguishable from the best baseline within noise" in str(verdict(level))
     assert level.prob_better == pytest.approx(0.5)
+    # under the basic method P(better) reads the reflected differences, consistent with the interval
+    skewed = Comparison.from_draws(0.70, 0.66, np.linspace(-0.02, 0.03, 1001), np.zeros(1001), method="basic")
+    assert skewed.low == pytest.approx(2 * 0.04 - (-0.02 + 0.05 * 0.95))  # 2 d - q95
+    assert skewed.prob_better == 1.0 and verdict(skewed).kind == "better"
+    raw = Comparison.from_draws(0.70, 0.66, np.linspace(-0.02, 0.03, 1001), np.zeros(1001))
+    assert raw.prob_better == pytest.approx(0.6, abs=1e-3) and verdict(raw).kind == "indistinguishable"
 
 
 # ---------------------------------------------------------------------------------------------------
