@@ -17,6 +17,9 @@ test draw (n_test per class) in every simulation. For each objective and nominal
   - ``pred->test``: how often it falls inside the validation prediction interval for a sample of the test
     sizes (``kind="prediction"``), the interval made for that question;
   - ``bias``: mean (validation value - true value), the bias of the point estimate itself.
+Verdicts: how often ``verdict(compare(...))`` says better / indistinguishable / worse for a trial equal to
+the baseline (false alarms) and one whose every recall is 0.05 higher (power).
+
 Selection: the true min recall of the candidate each rule of ``uncertainty.SELECTION_RULES`` picks among
 60 synthetic candidates scored on fresh validation draws.
 
@@ -33,7 +36,7 @@ import time
 import numpy as np
 
 from selmix_ray.objectives import OBJECTIVES, get_objective
-from selmix_ray.uncertainty import SELECTION_RULES, bootstrap, interval, select
+from selmix_ray.uncertainty import SELECTION_RULES, bootstrap, compare, interval, select, verdict
 
 LEVEL = 0.90
 
@@ -130,6 +133,35 @@ def coverage(objectives: list[str], *, sizes: tuple[int, int], kind: str, simula
               f"{width_pred / simulations:.3f} |")
 
 
+def verdicts(objectives: list[str], *, n_val: int, simulations: int, resamples: int, seed: int) -> None:
+    """How often the verdict says better / worse when the trial and the baseline are equally good (false
+    alarms: nominal 5% each side at level 0.9) and when the trial's every recall is 0.05 higher (power)."""
+    K = 10
+    print(f"\n### Verdicts at level 0.9 (unpaired, independent validation draws, {n_val} images per class, "
+          f"{simulations} simulations, B = {resamples})\n")
+    print("| objective | classifier | trial truly | better | indistinguishable | worse |")
+    print("|---|---|---|---:|---:|---:|")
+    for name in objectives:
+        objective = get_objective(name)
+        for kind in ("spread", "flat"):
+            baseline = classifier(kind, K)
+            for gap in (0.0, 0.05):
+                trial = baseline.copy()
+                if gap:
+                    diagonal = np.diag(baseline) + gap
+                    trial = baseline * ((1 - diagonal) / (1 - np.diag(baseline)))[:, None]
+                    trial[np.diag_indices(K)] = diagonal
+                rng = np.random.default_rng(seed)
+                kinds = {"better": 0, "indistinguishable": 0, "worse": 0}
+                for index in range(simulations):
+                    comparison = compare(draw(trial, np.full(K, n_val), rng), draw(baseline, np.full(K, n_val), rng),
+                                         objective, resamples=resamples, seed=index)
+                    kinds[verdict(comparison).kind] += 1
+                label = "equal" if gap == 0 else f"+{gap:.2f} recall"
+                rates = " | ".join(f"{count / simulations:.2f}" for count in kinds.values())
+                print(f"| {name} | {kind} | {label} | {rates} |")
+
+
 def selection(*, candidates: int, n_val: int, simulations: int, resamples: int, seed: int) -> None:
     """Each simulation scores ``candidates`` synthetic classifiers (K = 10, known recalls: a level between
     0.70 and 0.85 plus a class profile whose spread, 0.01 to 0.08, sets how tied the minimum is) on fresh
@@ -166,11 +198,16 @@ def main() -> None:
     parser.add_argument("--skip-large", action="store_true", help="skip the K = 1000 timing")
     parser.add_argument("--skip-coverage", action="store_true")
     parser.add_argument("--selection-simulations", type=int, default=100, help="0 skips the selection table")
+    parser.add_argument("--verdict-simulations", type=int, default=300, help="0 skips the verdict table")
     args = parser.parse_args()
     names = sorted(set(OBJECTIVES) - {"custom"})
     timing(["min_recall", "hmean", "mean_recall_min_coverage"], trials=args.trials, resamples=args.resamples)
     if not args.skip_large:
         timing_large(["min_recall", "hmean", "mean_recall_min_coverage"], resamples=args.resamples)
+    if args.verdict_simulations:
+        for n_val in (50, 20):
+            verdicts(["min_recall", "hmean", "mean_recall"], n_val=n_val, simulations=args.verdict_simulations,
+                     resamples=args.resamples, seed=args.seed)
     if args.selection_simulations:
         for n_val in (50, 20):
             selection(candidates=60, n_val=n_val, simulations=args.selection_simulations,

@@ -4,7 +4,10 @@ selection rules."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -404,6 +407,27 @@ def test_compare_from_counts_finds_a_clear_difference_both_ways():
     assert verdict(worse).kind == "worse" and worse.prob_better < 0.01
 
 
+def test_verdict_false_alarms_and_power_on_synthetic_classifiers():
+    # Trial and baseline scored on independent validation draws: when equally good, the 90% verdict says
+    # "better" or "worse" about 10% of the time; when its recalls are 0.10 higher (at most 0.99), "better".
+    K, n, simulations = 10, 50, 300
+    baseline = spread_classifier(K)
+    diagonal = np.minimum(np.diag(baseline) + 0.10, 0.99)
+    stronger = baseline * ((1 - diagonal) / (1 - np.diag(baseline)))[:, None]
+    stronger[np.diag_indices(K)] = diagonal
+    objective = get_objective("mean_recall")
+    rng = np.random.default_rng(15)
+    kinds = {"equal": [], "stronger": []}
+    for index in range(simulations):
+        for label, trial in (("equal", baseline), ("stronger", stronger)):
+            comparison = compare(draw(trial, n, rng), draw(baseline, n, rng), objective, resamples=400, seed=index)
+            kinds[label].append(verdict(comparison).kind)
+    false_alarms = np.mean([kind != "indistinguishable" for kind in kinds["equal"]])
+    assert 0.04 <= false_alarms <= 0.17
+    assert np.mean([kind == "better" for kind in kinds["stronger"]]) >= 0.9
+    assert "worse" not in kinds["stronger"]
+
+
 def test_verdict_sentence_states_the_numbers():
     comparison = Comparison(trial=0.761, baseline=0.702, difference=0.059, low=0.021, high=0.098,
                             prob_better=0.981, level=0.9, method="percentile", resamples=1000, paired=False)
@@ -444,3 +468,15 @@ def test_selection_rules():
     with pytest.raises(ConfigError, match="rule"):
         select(candidates, objective, rule="best")
 
+
+
+def test_import_loads_numpy_only():
+    code = (
+        "import json, sys\n"
+        "import selmix_ray.uncertainty\n"
+        "heavy = ('torch', 'ray', 'optuna', 'pandas', 'scipy', 'matplotlib')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
