@@ -68,7 +68,9 @@ Decisions (not settled elsewhere)
       the time (0.43 for tied min recall, 0.14 for a coverage on its bound), inside the prediction interval
       0.84-0.95. Tables show the confidence interval unless they say otherwise.
     - Per-class recall intervals are Wilson score intervals (closed form, no resampling): they stay sensible
-      at recall 0 or 1 with 20 images, where a bootstrap interval collapses to a point.
+      at recall 0 or 1 with 20 images, where a bootstrap interval collapses to a point. The objective's
+      bootstrap interval has the same blind spot (left as is): a classifier with no error on validation gets
+      the interval [1, 1], and a class never predicted keeps coverage 0 in every replicate.
     - Trial versus baseline. Stored counts cannot pair images (which image each model got right is not
       stored), so :func:`compare` resamples the two independently: the "unpaired" bootstrap. It is
       conservative (too wide) when the two models err on the same images, which they do when one is the
