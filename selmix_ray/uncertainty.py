@@ -24,9 +24,9 @@ The resampling (one definition for everything below)
 
     Cost (``benchmarks/bench_uncertainty.py``, CPU seconds of one core; wall time was 2.5x that on the
     shared 2-core machine): 200 trials x (val 50/class + test 150/class) x B = 1000 at K = 10 takes 0.4 s
-    for the recall objectives and 2.3 s for the coverage-constrained ones (their K-step chain of binomial
-    draws); one interval at K = 1000, 20 images per class, B = 1000 takes 0.1 s (recall objectives) and
-    0.45 s (coverage), so B = 1000 stays the default there too.
+    for the recall objectives and 2.3-2.5 s for the coverage-constrained ones (their K-step chain of
+    binomial draws); one interval at K = 1000, 20 images per class, B = 1000 takes 0.1-0.2 s (recall
+    objectives) and 0.5 s (coverage), so B = 1000 stays the default there too.
 
 Decisions (not settled elsewhere)
     - B (``resamples``) defaults to 1000: the ends of a 90% interval then move by about 0.001 (mean recall),
