@@ -23,7 +23,7 @@ the baseline (false alarms) and one whose every recall is 0.05 higher (power).
 Pairing: the width of the 90% interval of the difference, unpaired (counts) against paired (per-image
 predictions), for a trial that re-decides 10% of the baseline's images.
 
-Selection: the true min recall of the candidate each rule of ``uncertainty.SELECTION_RULES`` picks among
+Selection: the true min recall of the candidate each rule of ``verdicts.SELECTION_RULES`` picks among
 60 synthetic candidates scored on fresh validation draws.
 
 Two classifiers: ``spread`` (recalls evenly spread from 0.55 to 0.95, errors drawn towards the head
@@ -41,11 +41,13 @@ import numpy as np
 from selmix_ray.metrics import confusion_counts
 from selmix_ray.objectives import OBJECTIVES, get_objective
 from selmix_ray.uncertainty import (
-    SELECTION_RULES,
     bootstrap,
+    interval,
+)
+from selmix_ray.verdicts import (
+    SELECTION_RULES,
     compare,
     compare_paired,
-    interval,
     select,
     verdict,
 )

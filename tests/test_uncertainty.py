@@ -17,18 +17,20 @@ from selmix_ray.errors import ConfigError, DataError, UndefinedMetricError
 from selmix_ray.metrics import confusion_counts
 from selmix_ray.objectives import OBJECTIVES, get_objective
 from selmix_ray.uncertainty import (
-    SELECTION_RULES,
-    Comparison,
     bootstrap,
     class_sizes,
-    compare,
-    compare_paired,
     interval,
     intervals,
     recall_intervals,
     replicate_values,
     resample,
     resample_paired,
+)
+from selmix_ray.verdicts import (
+    SELECTION_RULES,
+    Comparison,
+    compare,
+    compare_paired,
     select,
     selection_scores,
     verdict,
