@@ -359,6 +359,8 @@ def test_a_ray_that_search_started_is_shut_down_and_the_callers_is_not(monkeypat
 def test_resume_removes_trial_folders_the_last_snapshot_does_not_list(tmp_path):
     import importlib
 
+    from selmix_ray.storage import Location
+
     sweep = importlib.import_module("selmix_ray.sweep")
 
     experiment = tmp_path / "exp"
@@ -372,12 +374,12 @@ def test_resume_removes_trial_folders_the_last_snapshot_does_not_list(tmp_path):
     (experiment / "experiment_state-2026-01-01_00-00-10.json").write_text(
         json.dumps({"trial_data": [[trial, {}]]}))  # the newest snapshot is the one Tune restores
     for storage in (str(experiment), f"file://{experiment}"):
-        sweep._remove_orphan_trial_folders(sweep._Location.of_experiment(storage))
+        sweep._remove_orphan_trial_folders(Location.of_experiment(storage))
         assert sorted(p.name for p in experiment.iterdir() if p.is_dir()) == ["not_a_trial", "run_trial_known_1"]
         (experiment / "run_trial_orphan_2").mkdir()
         (experiment / "run_trial_orphan_2" / "params.json").write_text("{}")
     (experiment / "experiment_state-2026-01-01_00-00-10.json").write_text('{"trial_data": [')  # half-written
-    assert sweep._remove_orphan_trial_folders(sweep._Location.of_experiment(experiment)) == []
+    assert sweep._remove_orphan_trial_folders(Location.of_experiment(experiment)) == []
     assert (experiment / "run_trial_orphan_2").is_dir()
 
 
@@ -414,7 +416,8 @@ def test_a_trial_finished_after_the_last_snapshot_is_told_only_at_the_next(tmp_p
     import optuna
 
     from selmix_ray.space import load_space
-    from selmix_ray.sweep import StudySearch, _journal_storage
+    from selmix_ray.storage import journal_storage
+    from selmix_ray.sweep import StudySearch
 
     space = load_space({"objective": "min_recall", "space": {"lr": {"loguniform": [0.1, 10.0]}},
                         "fixed": {"steps": 100, "eval_every": 10}}).define_by_run()  # picklable, as in sweeps
@@ -424,7 +427,7 @@ def test_a_trial_finished_after_the_last_snapshot_is_told_only_at_the_next(tmp_p
     def searcher(journal):
         return StudySearch(space=space, metric="val/best_objective", mode="max", steps=100,
                            sampler=optuna.samplers.RandomSampler(seed=0), study_name="s",
-                           storage=_journal_storage(journal))
+                           storage=journal_storage(journal))
 
     live = searcher(journal)
     live.suggest("a")
