@@ -125,13 +125,9 @@ def search(
     """
     _check_features(features)
     search_space = _load_space_checked(space, features)
-    _check_search_options(num_samples=num_samples, max_concurrent=max_concurrent,
-                          resources_per_trial=resources_per_trial, scheduler=scheduler, sampler=sampler,
-                          repeats=repeats, seed=seed, name=name, checkpoint_every=checkpoint_every)
-    num_samples, repeats, seed = int(num_samples), int(repeats), int(seed)  # numpy integers are accepted
-    max_concurrent, checkpoint_every = (None if v is None else int(v) for v in (max_concurrent, checkpoint_every))
-    if resources_per_trial is not None:
-        resources_per_trial = {k: v.item() if hasattr(v, "item") else v for k, v in resources_per_trial.items()}
+    options = _check_search_options(num_samples=num_samples, max_concurrent=max_concurrent,
+                                    resources_per_trial=resources_per_trial, scheduler=scheduler, sampler=sampler,
+                                    repeats=repeats, seed=seed, name=name, checkpoint_every=checkpoint_every)
     location = Location(storage, name)
     if location.exists(""):
         raise ExperimentError(
@@ -140,14 +136,12 @@ def search(
         )
     location.check_writable()
 
-    manifest = _manifest(search_space, features, name=name, num_samples=num_samples,
-                         max_concurrent=max_concurrent, resources_per_trial=resources_per_trial,
-                         scheduler=scheduler, sampler=sampler, repeats=repeats, seed=seed, location=location,
-                         checkpoint_every=checkpoint_every)
+    manifest = _manifest(search_space, features, location=location, **options)
     location.write_bytes(MANIFEST_FILE, json_bytes(manifest))
     _log(f"experiment {location.path}")
 
-    baselines = compute_baselines(features, search_space, repeats=repeats, seed=seed, log=_log)
+    baselines = compute_baselines(features, search_space, repeats=manifest["repeats"], seed=manifest["seed"],
+                                  log=_log)
     location.write_bytes(BASELINES_FILE, json_bytes(baselines))
 
     started_ray = _init_ray(address)
@@ -227,7 +221,9 @@ def _load_space_checked(space, features):
 
 
 def _check_search_options(*, num_samples, max_concurrent, resources_per_trial, scheduler, sampler, repeats,
-                          seed, name, checkpoint_every=None) -> None:
+                          seed, name, checkpoint_every=None) -> dict[str, Any]:
+    """The options as given, numpy scalars made Python ones (for the manifest's JSON); ConfigError listing
+    every problem otherwise."""
     problems = [int_problem("num_samples", num_samples, minimum=1),
                 None if max_concurrent is None else int_problem("max_concurrent", max_concurrent, minimum=1),
                 int_problem("repeats", repeats, minimum=1),
@@ -250,6 +246,12 @@ def _check_search_options(*, num_samples, max_concurrent, resources_per_trial, s
                     problems.append(f"resources_per_trial[{key!r}] must be a number >= 0, but got {value!r}.")
     if problems:
         raise ConfigError(problems, where="search options")
+    if resources_per_trial is not None:
+        resources_per_trial = {k: v.item() if hasattr(v, "item") else v for k, v in resources_per_trial.items()}
+    return {"num_samples": int(num_samples), "max_concurrent": None if max_concurrent is None else int(max_concurrent),
+            "resources_per_trial": resources_per_trial, "scheduler": scheduler, "sampler": sampler,
+            "repeats": int(repeats), "seed": int(seed), "name": name,
+            "checkpoint_every": None if checkpoint_every is None else int(checkpoint_every)}
 
 
 def _check_features(features) -> None:
