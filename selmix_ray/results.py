@@ -299,10 +299,9 @@ class Run:
         journal = self.path / JOURNAL_FILE
         if not journal.is_file():
             raise ExperimentError(f"{self.path} has no {JOURNAL_FILE}; parameter importance needs the Optuna study.")
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+        from .storage import journal_storage
 
-        storage = JournalStorage(JournalFileBackend(str(journal)))
+        storage = journal_storage(journal)
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         study_name = self.name if self.name in names else (names[0] if names else None)
         if study_name is None:
