@@ -19,7 +19,6 @@ Status of a trial: ``complete`` (reached ``steps``), ``pruned`` (stopped early b
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -354,8 +353,7 @@ def load_run(path: str | os.PathLike) -> Run:
         baselines = _read_json(path / BASELINES_FILE, what="baselines")
         if not isinstance(baselines, dict):
             raise ExperimentError(f"{path / BASELINES_FILE} is corrupted: expected a JSON object of baselines.")
-        baselines = baselines.get("baselines", baselines) if isinstance(baselines.get("baselines"), dict) \
-            else baselines
+        baselines = baselines["baselines"] if isinstance(baselines.get("baselines"), dict) else baselines
     tune_states = read_trial_states(path)
     steps_default = _fixed_steps(manifest)
     extra_metrics = [m for m in manifest.get("metrics") or [] if m != SCORE_KEY]
@@ -540,9 +538,7 @@ def _trial_row(folder: Path, tune_states: dict[str, TuneTrialState], steps_defau
         "num_failures": 0 if tune is None else tune.num_failures,
         SCORE_KEY: result.get(SCORE_KEY),
     }
-    for key in TEST_AT_BEST:
-        row[key] = result.get(key)
-    for key in extra_metrics:  # e.g. val/mean_recall, ranked by a multi-objective sweep
+    for key in (*TEST_AT_BEST, *extra_metrics):  # extra: e.g. val/mean_recall, ranked by a multi-objective sweep
         row[key] = result.get(key)
     for key, value in params.items():
         row[f"config/{key}"] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
@@ -564,9 +560,9 @@ def _start_time(folder: Path, result: dict[str, Any]) -> float:
 
 def _latest_history(folder: Path) -> Any:
     """Parsed HISTORY_FILE of the newest readable checkpoint_XXXXXX folder of a trial (None: none yet)."""
-    for checkpoint in sorted(glob.glob(str(folder / "checkpoint_*")), reverse=True):
+    for checkpoint in sorted(folder.glob("checkpoint_*"), reverse=True):
         try:
-            return json.loads((Path(checkpoint) / HISTORY_FILE).read_bytes())
+            return json.loads((checkpoint / HISTORY_FILE).read_bytes())
         except (OSError, ValueError):
             continue  # missing or half-written: an older checkpoint is still good
     return None
