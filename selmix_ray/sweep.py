@@ -81,6 +81,7 @@ CHECKPOINTS_KEPT = 4  # per trial; the newest is what a retry resumes from (Tune
 CHECKPOINTS_PER_TRIAL = 10  # default checkpoint_every: about this many regular checkpoints per trial
 ASHA_REDUCTION_FACTOR = 3
 ASHA_GRACE_FRACTION = 1 / 9  # grace period ~ steps / 9, rounded up to a multiple of eval_every
+_Location = Location  # the name that experiments started before storage.py pickled (resume unpickles it)
 
 
 # -- public API ----------------------------------------------------------------------------------------

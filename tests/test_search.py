@@ -448,3 +448,14 @@ def test_search_options_accept_numpy_integers_and_refuse_bools():
         "seed must be an integer >= 0, but got seed=False.",
         "resources_per_trial['gpu'] must be a number >= 0, but got True.",
     ]
+
+
+def test_experiments_pickled_before_the_split_still_find_their_classes():
+    """Tune pickles the Tuner (callbacks with their Location, the searcher) into the experiment; resume
+    unpickles it by the names the experiment was started with."""
+    from selmix_ray.storage import Location
+    from selmix_ray.tune_adapter import PicklableNSGAIISampler, SnapshotCallback, StudySearch
+
+    for name, expected in [("_Location", Location), ("SnapshotCallback", SnapshotCallback),
+                           ("StudySearch", StudySearch), ("PicklableNSGAIISampler", PicklableNSGAIISampler)]:
+        assert pickle.loads(f"cselmix_ray.sweep\n{name}\n.".encode()) is expected, name
