@@ -84,6 +84,7 @@ def _plain_trial(args) -> float:
 
 def overhead(trials: int, steps: int, checkpoint_every: list[int | None]) -> None:
     sweep = importlib.import_module("selmix_ray.sweep")
+    from selmix_ray.baselines import compute_baselines
     from selmix_ray.space import load_space
 
     features = _digits()
@@ -91,7 +92,7 @@ def overhead(trials: int, steps: int, checkpoint_every: list[int | None]) -> Non
                   "space": {"lr": {"loguniform": [0.3, 3.0]}, "refresh_every": {"int": [5, 20]}},
                   "fixed": {"steps": steps, "eval_every": steps // 10}}
     space = load_space(space_dict)
-    sweep._baselines(features, space, repeats=1, seed=0)  # cached: not part of the timing
+    compute_baselines(features, space, repeats=1, seed=0)  # cached: not part of the timing
     _init_ray()
     storage = tempfile.mkdtemp(prefix="bench_sweep_")
     for concurrency in (1, 2):
@@ -179,10 +180,11 @@ def memory(mb: int) -> None:
     tiny = _synthetic(1)
     space_dict = {"objective": "min_recall", "space": {"lr": {"loguniform": [0.3, 3.0]}},
                   "fixed": {"steps": 200, "eval_every": 20}}
+    from selmix_ray.baselines import compute_baselines
     from selmix_ray.space import load_space
 
     for feature_set in (tiny, features):
-        sweep._baselines(feature_set, load_space(space_dict), repeats=1, seed=0)
+        compute_baselines(feature_set, load_space(space_dict), repeats=1, seed=0)
     _init_ray(num_cpus=2)
     base = _torch_baseline_kib()
     storage = tempfile.mkdtemp(prefix="bench_sweep_mem_")

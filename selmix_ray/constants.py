@@ -25,6 +25,5 @@ METRIC_NAMES = (
 )
 SCORE_KEY = "val/best_objective"  # the selection rule: one score for Optuna, ASHA and Run.best
 STEP_KEY = "step"
-DIAGNOSTIC_KEYS = ("p_entropy", "p_max", "g_max")
 
 HEAD_FRACTION = 0.9  # the first floor(0.9 K) classes by training count are the head

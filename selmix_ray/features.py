@@ -96,7 +96,6 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "progress": True,  # show progress bars (tqdm, on stderr)
     "verify": False,  # on a cache hit, also check every file's sha256 (sizes are always checked)
 }
-_EXECUTION_OPTIONS = ("device", "batch_size", "num_threads", "progress", "verify")
 _CNN_OPTIONS = ("epochs", "lr", "weight_decay", "width", "feature_dim", "train_batch_size", "augment")
 
 

@@ -1,4 +1,4 @@
-"""The FeatureSet container that feature building and fine-tuning share (numpy; Ray imported lazily).
+"""The FeatureSet container that feature building and fine-tuning share (numpy only; never imports Ray).
 
 A FeatureSet holds the frozen backbone's outputs for every split plus the initial linear head. Arrays
 are numpy so that Ray's object store hands every trial a zero-copy, read-only view; trials wrap them
@@ -195,28 +195,19 @@ class FeatureSet:
             block=block,
         )
 
-    def to_object_store(self):
-        """Put the arrays in Ray's object store once; returns the ObjectRef (Ray must be initialised)."""
-        import ray
-
-        if not ray.is_initialized():
-            raise DataError("FeatureSet.to_object_store needs a running Ray: call ray.init() first.")
-        return ray.put(self.to_dict())
-
     @classmethod
-    def from_object_store(cls, ref_or_dict) -> FeatureSet:
-        """Read-only FeatureSet from an ObjectRef or from the dict ``tune.with_parameters`` hands a trial.
+    def from_object_store(cls, payload) -> FeatureSet:
+        """Read-only FeatureSet from the dict a trial receives (``tune.with_parameters``, or ``ray.get``
+        of ``ray.put(features.to_dict())``); a FeatureSet is returned as it is.
 
-        Arrays are zero-copy views of the object store's shared memory.
+        Arrays are zero-copy views of the object store's shared memory. This module never imports Ray:
+        the caller puts and fetches (``sweep`` puts the features once per sweep).
         """
-        if isinstance(ref_or_dict, FeatureSet):
-            return ref_or_dict
-        if not isinstance(ref_or_dict, dict):
-            import ray
-
-            if not isinstance(ref_or_dict, ray.ObjectRef):
-                raise DataError(
-                    f"Expected a FeatureSet ObjectRef or dict, but got {type(ref_or_dict).__name__}."
-                )
-            ref_or_dict = ray.get(ref_or_dict)
-        return cls.from_dict(ref_or_dict, read_only=True)
+        if isinstance(payload, FeatureSet):
+            return payload
+        if not isinstance(payload, dict):
+            raise DataError(
+                f"Expected the FeatureSet dict fetched from Ray's object store, but got {type(payload).__name__}; "
+                "pass ray.get(ref) rather than the ObjectRef."
+            )
+        return cls.from_dict(payload, read_only=True)

@@ -19,7 +19,6 @@ Status of a trial: ``complete`` (reached ``steps``), ``pruned`` (stopped early b
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -30,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from .baselines import REFERENCE, baseline_recall, baseline_row, baseline_score
+from .checks import is_number
 from .constants import (
     BASELINES_FILE,
     HISTORY_FILE,
@@ -39,15 +40,15 @@ from .constants import (
     SCORE_KEY,
     STEP_KEY,
 )
-from .errors import ExperimentError, SelMixError
-from .history import History, dense_counts
+from .errors import ExperimentError
+from .history import History
 from .metrics import head_mask, joint_confusion, metric_values
+from .tune_adapter import TuneTrialState, read_trial_states
 
 __all__ = ["Run", "Comparison", "TrialHistory", "load_run", "compare", "STATUSES"]
 
 STATUSES = ("complete", "pruned", "errored", "running")
 TEST_AT_BEST = tuple(f"test_at_best/{m}" for m in METRIC_NAMES)
-_TUNE_RUNNING = {"RUNNING", "PENDING", "PAUSED"}
 
 
 @dataclass
@@ -166,7 +167,7 @@ class Run:
         """pandas DataFrame, one row per baseline of ``baselines.json`` (``kind`` = "baseline")."""
         import pandas as pd
 
-        rows = [_baseline_row(name, record) for name, record in self.baselines.items()]
+        rows = [baseline_row(name, record) for name, record in self.baselines.items()]
         return pd.DataFrame(rows, columns=["name", "kind", SCORE_KEY, *TEST_AT_BEST])
 
     @property
@@ -272,8 +273,7 @@ class Run:
             index = history.index_of_step(history.best_step) if history.best_step is not None else -1
             columns[trial_id] = history.recall(index, split)
         if reference is None:
-            reference = next((n for n in ("starting_head", "start", "start_head") if n in self.baselines),
-                             trial_ids[0] if trial_ids else None)
+            reference = REFERENCE if REFERENCE in self.baselines else (trial_ids[0] if trial_ids else None)
         if reference is not None and reference not in columns:
             columns = {reference: self._recall_of(reference, split), **columns}
         if not columns:
@@ -298,10 +298,9 @@ class Run:
         journal = self.path / JOURNAL_FILE
         if not journal.is_file():
             raise ExperimentError(f"{self.path} has no {JOURNAL_FILE}; parameter importance needs the Optuna study.")
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+        from .storage import journal_storage
 
-        storage = JournalStorage(JournalFileBackend(str(journal)))
+        storage = journal_storage(journal)
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         study_name = self.name if self.name in names else (names[0] if names else None)
         if study_name is None:
@@ -322,7 +321,7 @@ class Run:
     def _recall_of(self, label: str, split: str) -> np.ndarray:
         if label in self.baselines:
             record = self.baselines[label]
-            recall = _find_recall(record, split)
+            recall = baseline_recall(record, split)
             if recall is None:
                 raise ExperimentError(f"baseline {label!r} in {BASELINES_FILE} has no per-class {split} recall.")
             return recall
@@ -354,9 +353,8 @@ def load_run(path: str | os.PathLike) -> Run:
         baselines = _read_json(path / BASELINES_FILE, what="baselines")
         if not isinstance(baselines, dict):
             raise ExperimentError(f"{path / BASELINES_FILE} is corrupted: expected a JSON object of baselines.")
-        baselines = baselines.get("baselines", baselines) if isinstance(baselines.get("baselines"), dict) \
-            else baselines
-    tune_states = _tune_trial_states(path)
+        baselines = baselines["baselines"] if isinstance(baselines.get("baselines"), dict) else baselines
+    tune_states = read_trial_states(path)
     steps_default = _fixed_steps(manifest)
     extra_metrics = [m for m in manifest.get("metrics") or [] if m != SCORE_KEY]
     rows, dirs = [], {}
@@ -460,8 +458,9 @@ def compare(paths: str | os.PathLike | list, *, objective: str | None = None) ->
             base = run.baselines_df.copy()
             base.insert(0, "run", run.name)
             base["kind"] = "baseline"
-            base["score"] = [_baseline_score(run.baselines[n], objective or run.objective, run)
-                             for n in base["name"]]
+            counts = run.train_counts()
+            base["score"] = [baseline_score(run.baselines[n], objective or run.objective,
+                                            own_objective=run.objective, train_counts=counts) for n in base["name"]]
             frames.append(base)
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return Comparison(runs=runs, objective=objective, df=df)
@@ -480,27 +479,7 @@ def _read_json(path: Path, *, what: str):
 
 def _fixed_steps(manifest: dict[str, Any]) -> int | None:
     steps = manifest.get("steps", ((manifest.get("space") or {}).get("fixed") or {}).get("steps"))
-    return int(steps) if isinstance(steps, (int, float)) else None
-
-
-def _tune_trial_states(path: Path) -> dict[str, dict[str, Any]]:
-    """{trial_id: {"status", "num_failures", "dirname"}} from Tune's latest experiment_state file."""
-    files = sorted(glob.glob(str(path / "experiment_state-*.json")))
-    for state_file in reversed(files):  # the newest readable snapshot (a running sweep rewrites them)
-        try:
-            data = json.loads(Path(state_file).read_text(encoding="utf-8"))
-            out = {}
-            for trial_json, runtime_json in data["trial_data"]:
-                trial, runtime = json.loads(trial_json), json.loads(runtime_json)
-                out[trial["trial_id"]] = {
-                    "status": trial.get("status"),
-                    "num_failures": runtime.get("num_failures", 0),
-                    "dirname": trial.get("relative_logdir"),
-                }
-            return out
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return {}
+    return int(steps) if is_number(steps) else None
 
 
 def _last_result(folder: Path) -> dict[str, Any] | None:
@@ -527,7 +506,7 @@ def _last_result(folder: Path) -> dict[str, Any] | None:
             chunk *= 4
 
 
-def _trial_row(folder: Path, tune_states: dict[str, dict], steps_default: int | None,
+def _trial_row(folder: Path, tune_states: dict[str, TuneTrialState], steps_default: int | None,
                extra_metrics: list[str]) -> dict[str, Any] | None:
     try:
         params = json.loads((folder / "params.json").read_text(encoding="utf-8"))
@@ -537,10 +516,10 @@ def _trial_row(folder: Path, tune_states: dict[str, dict], steps_default: int | 
     trial_id = result.get("trial_id") or _trial_id_from_dirname(folder.name, tune_states)
     if trial_id is None:
         return None
-    tune = tune_states.get(trial_id, {})
+    tune = tune_states.get(trial_id)
     steps = params.get("steps", steps_default)
     reached = result.get(STEP_KEY)
-    tune_status = tune.get("status")
+    tune_status = None if tune is None else tune.status
     if tune_status == "ERROR" or (tune_status is None and (folder / "error.txt").is_file()):
         status = "errored"
     elif reached is not None and steps is not None and reached >= steps:
@@ -556,21 +535,19 @@ def _trial_row(folder: Path, tune_states: dict[str, dict], steps_default: int | 
         "steps": steps,
         "wall_time_s": result.get("time_total_s"),
         "start_time": _start_time(folder, result),
-        "num_failures": tune.get("num_failures", 0),
+        "num_failures": 0 if tune is None else tune.num_failures,
         SCORE_KEY: result.get(SCORE_KEY),
     }
-    for key in TEST_AT_BEST:
-        row[key] = result.get(key)
-    for key in extra_metrics:  # e.g. val/mean_recall, ranked by a multi-objective sweep
+    for key in (*TEST_AT_BEST, *extra_metrics):  # extra: e.g. val/mean_recall, ranked by a multi-objective sweep
         row[key] = result.get(key)
     for key, value in params.items():
         row[f"config/{key}"] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
     return row
 
 
-def _trial_id_from_dirname(dirname: str, tune_states: dict[str, dict]) -> str | None:
+def _trial_id_from_dirname(dirname: str, tune_states: dict[str, TuneTrialState]) -> str | None:
     for trial_id, state in tune_states.items():
-        if state.get("dirname") == dirname or trial_id in dirname:
+        if state.relative_logdir == dirname or trial_id in dirname:
             return trial_id
     return None
 
@@ -583,9 +560,9 @@ def _start_time(folder: Path, result: dict[str, Any]) -> float:
 
 def _latest_history(folder: Path) -> Any:
     """Parsed HISTORY_FILE of the newest readable checkpoint_XXXXXX folder of a trial (None: none yet)."""
-    for checkpoint in sorted(glob.glob(str(folder / "checkpoint_*")), reverse=True):
+    for checkpoint in sorted(folder.glob("checkpoint_*"), reverse=True):
         try:
-            return json.loads((Path(checkpoint) / HISTORY_FILE).read_bytes())
+            return json.loads((checkpoint / HISTORY_FILE).read_bytes())
         except (OSError, ValueError):
             continue  # missing or half-written: an older checkpoint is still good
     return None
@@ -621,66 +598,3 @@ def _rescore(history: TrialHistory, scorer, objective: str, train_counts) -> dic
             out[f"test_at_best/{m}"] = float(np.mean([t[m] for t in tests]))
     out["test_at_best/objective"] = out[f"test_at_best/{objective}"]
     return out
-
-
-def _flat_metrics(record: dict[str, Any]) -> dict[str, Any]:
-    metrics = record.get("metrics") if isinstance(record.get("metrics"), dict) else record
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _baseline_row(name: str, record: dict[str, Any]) -> dict[str, Any]:
-    metrics = _flat_metrics(record)
-    row: dict[str, Any] = {"name": name, "kind": "baseline"}
-    row[SCORE_KEY] = metrics.get(SCORE_KEY, metrics.get("val/objective"))
-    for m in METRIC_NAMES:
-        row[f"test_at_best/{m}"] = metrics.get(f"test_at_best/{m}", metrics.get(f"test/{m}"))
-    return row
-
-
-def _baseline_score(record: dict[str, Any], objective: str, run: Run) -> float | None:
-    """A baseline's validation score under ``objective``: stored scalars, else its stored val counts."""
-    metrics = _flat_metrics(record)
-    if objective == run.objective:
-        value = metrics.get(SCORE_KEY, metrics.get("val/objective"))
-        if value is not None:
-            return value
-    if f"val/{objective}" in metrics:
-        return metrics[f"val/{objective}"]
-    counts = _find_counts(record, "val")
-    if counts is None:
-        return None
-    from .objectives import get_objective
-
-    try:
-        scorer = get_objective(objective, train_counts=run.train_counts())
-        return float(scorer.value(joint_confusion(counts)))
-    except SelMixError:
-        return None
-
-
-def _find_split(record: dict[str, Any], split: str) -> dict[str, Any] | None:
-    if isinstance(record.get(split), dict):
-        return record[split]
-    records = record.get("records")
-    if isinstance(records, list) and records and isinstance(records[-1].get(split), dict):
-        return records[-1][split]
-    return None
-
-
-def _find_recall(record: dict[str, Any], split: str) -> np.ndarray | None:
-    per_class = record.get("per_class_recall")  # what search.py writes: {"val": [K], "test": [K]}
-    if isinstance(per_class, dict) and isinstance(per_class.get(split), list):
-        return np.asarray(per_class[split], dtype=float)
-    part = _find_split(record, split)
-    if part is not None and isinstance(part.get("recall"), list):
-        return np.asarray(part["recall"], dtype=float)
-    return None
-
-
-def _find_counts(record: dict[str, Any], split: str) -> np.ndarray | None:
-    part = _find_split(record, split)
-    if part is None or "counts" not in part:
-        return None
-    entries = part["counts"]
-    K = int(record.get("n_classes") or (max(max(r, c) for r, c, _ in entries) + 1))
-    return dense_counts(entries, K)

@@ -25,12 +25,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from .checks import is_finite, is_int
 from .errors import ConfigError, SelMixError
 from .mixup import MAP_VARIANTS as MAP_MIXUPS  # need cached spatial maps (FeatureSet.has_maps)
 
@@ -218,11 +218,8 @@ def _config_fields() -> dict[str, Any]:
     return {f.name: f for f in dataclasses.fields(FinetuneConfig)}
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _is_scalar(v: Any) -> bool:
+    """A JSON scalar (a choice option or a ``when`` value; numpy scalars are not JSON)."""
     return v is None or isinstance(v, (str, bool, int, float))
 
 
@@ -355,11 +352,11 @@ def _parse_param(name: str, spec: Any, problems: list[str]) -> Param | None:
         if len(problems) > n_before:
             return None
         return Param(name, domain, choices=tuple(values), when=when)
-    if not (isinstance(values, list) and len(values) == 2 and all(_is_number(v) for v in values)):
+    if not (isinstance(values, list) and len(values) == 2 and all(is_finite(v) for v in values)):
         problems.append(f"{where}: {domain} needs [low, high], two finite numbers, but got {values!r}.")
         return None
     low, high = values
-    if domain == "int" and not all(isinstance(v, int) or float(v).is_integer() for v in values):
+    if domain == "int" and not all(is_int(v) or float(v).is_integer() for v in values):
         problems.append(f"{where}: int needs integer bounds, but got {values!r}.")
         return None
     if not low < high:

@@ -32,39 +32,45 @@ Storage may be a local or NFS path (a relative one is made absolute) or a pyarro
 ``gs://``, ``file://``). With a URI, the Optuna journal (which needs a POSIX file) lives on the driver's
 disk and is copied into the experiment at each snapshot and at the end; ``resume`` brings it back.
 
+Where the parts live: the experiment folder and the journal file in ``storage``; the baselines in
+``baselines``; everything that touches Ray's or Optuna's private internals (the searcher subclass, the
+picklable NSGA-II sampler, the snapshot callback, Tune's experiment-state files, the log filter) in
+``tune_adapter``. This module keeps the public ``search``/``resume``, their checks, the manifest, Ray's
+start and stop, and the Tuner's configuration.
+
 Importing this module imports Ray Tune and Optuna but starts nothing (no ``ray.init``, no env vars).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from optuna.samplers import NSGAIISampler
-from optuna.trial import TrialState
 from ray.tune import Callback
-from ray.tune.search.optuna import OptunaSearch
 
-from .constants import (
-    BASELINES_FILE,
-    JOURNAL_FILE,
-    MANIFEST_FILE,
-    SCHEDULER_STATE_FILE,
-    SCORE_KEY,
-    STEP_KEY,
-)
+from .baselines import compute_baselines
+from .checks import int_problem, is_number
+from .constants import BASELINES_FILE, JOURNAL_FILE, MANIFEST_FILE, SCORE_KEY, STEP_KEY
 from .errors import ConfigError, ExperimentError
+from .storage import Location, journal_storage, json_bytes, local_journal
+from .tune_adapter import (
+    PicklableNSGAIISampler,
+    SnapshotCallback,
+    StudySearch,
+    experiment_state_files,
+    parse_experiment_state,
+    quiet_snapshot_warning,
+)
 
-__all__ = ["search", "resume", "SCHEDULERS", "SAMPLERS", "StudySearch", "SnapshotCallback", "ProgressCallback"]
+__all__ = ["search", "resume", "SCHEDULERS", "SAMPLERS", "StudySearch", "SnapshotCallback", "ProgressCallback",
+           "PicklableNSGAIISampler"]
 
 SCHEDULERS = ("asha", "fifo")  # asha: early stopping on "step"; fifo: every trial runs to the end
 SAMPLERS = ("tpe", "nsga2", "random")  # tpe (default; NSGA-II when multi-objective), nsga2, random
@@ -75,8 +81,7 @@ CHECKPOINTS_KEPT = 4  # per trial; the newest is what a retry resumes from (Tune
 CHECKPOINTS_PER_TRIAL = 10  # default checkpoint_every: about this many regular checkpoints per trial
 ASHA_REDUCTION_FACTOR = 3
 ASHA_GRACE_FRACTION = 1 / 9  # grace period ~ steps / 9, rounded up to a multiple of eval_every
-_LOCK_TYPE = type(threading.Lock())
-BASELINE_FORMAT = 2  # 2: each baseline also holds its val/test confusion counts at the best report
+_Location = Location  # the name that experiments started before storage.py pickled (resume unpickles it)
 
 
 # -- public API ----------------------------------------------------------------------------------------
@@ -121,10 +126,10 @@ def search(
     """
     _check_features(features)
     search_space = _load_space_checked(space, features)
-    _check_search_options(num_samples=num_samples, max_concurrent=max_concurrent,
-                          resources_per_trial=resources_per_trial, scheduler=scheduler, sampler=sampler,
-                          repeats=repeats, seed=seed, name=name, checkpoint_every=checkpoint_every)
-    location = _Location(storage, name)
+    options = _check_search_options(num_samples=num_samples, max_concurrent=max_concurrent,
+                                    resources_per_trial=resources_per_trial, scheduler=scheduler, sampler=sampler,
+                                    repeats=repeats, seed=seed, name=name, checkpoint_every=checkpoint_every)
+    location = Location(storage, name)
     if location.exists(""):
         raise ExperimentError(
             f"An experiment named {name!r} already exists at {location.path}. Continue it with "
@@ -132,21 +137,19 @@ def search(
         )
     location.check_writable()
 
-    manifest = _manifest(search_space, features, name=name, num_samples=num_samples,
-                         max_concurrent=max_concurrent, resources_per_trial=resources_per_trial,
-                         scheduler=scheduler, sampler=sampler, repeats=repeats, seed=seed, location=location,
-                         checkpoint_every=checkpoint_every)
-    location.write_bytes(MANIFEST_FILE, _json_bytes(manifest))
+    manifest = _manifest(search_space, features, location=location, **options)
+    location.write_bytes(MANIFEST_FILE, json_bytes(manifest))
     _log(f"experiment {location.path}")
 
-    baselines = _baselines(features, search_space, repeats=repeats, seed=seed)
-    location.write_bytes(BASELINES_FILE, _json_bytes(baselines))
+    baselines = compute_baselines(features, search_space, repeats=manifest["repeats"], seed=manifest["seed"],
+                                  log=_log)
+    location.write_bytes(BASELINES_FILE, json_bytes(baselines))
 
     started_ray = _init_ray(address)
     try:
         from ray import tune
 
-        journal = _local_journal(location)
+        journal = local_journal(location)
         tune_config, run_config = _tuner_configs(search_space, manifest, location, journal)
         tuner = tune.Tuner(_trainable(features, search_space, manifest, location), tune_config=tune_config,
                            run_config=run_config)
@@ -164,7 +167,7 @@ def resume(path: str | os.PathLike, *, features=None, address: str | None = None
     build arguments (a cache hit when the cache is still there). A ``space`` that differs from the stored
     one is refused, naming the differences.
     """
-    location = _Location.of_experiment(path)
+    location = Location.of_experiment(path)
     manifest = _read_manifest(location)
     stored_space = _load_space_checked(manifest["space"], None)
     if space is not None:
@@ -192,7 +195,7 @@ def resume(path: str | os.PathLike, *, features=None, address: str | None = None
         )
     started_ray = _init_ray(address)
     try:
-        journal = _local_journal(location, restore=True)
+        journal = local_journal(location, restore=True)
         _remove_orphan_trial_folders(location)
         trainable = _trainable(features, stored_space, manifest, location)
         tuner = tune.Tuner.restore(location.path, trainable=trainable, resume_unfinished=True,
@@ -219,21 +222,15 @@ def _load_space_checked(space, features):
 
 
 def _check_search_options(*, num_samples, max_concurrent, resources_per_trial, scheduler, sampler, repeats,
-                          seed, name, checkpoint_every=None) -> None:
-    problems = []
-
-    def positive_int(label, value, *, optional=False):
-        if optional and value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            problems.append(f"{label} must be an integer >= 1, but got {label}={value!r}.")
-
-    positive_int("num_samples", num_samples)
-    positive_int("max_concurrent", max_concurrent, optional=True)
-    positive_int("repeats", repeats)
-    positive_int("checkpoint_every", checkpoint_every, optional=True)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        problems.append(f"seed must be an integer >= 0, but got {seed=!r}.")
+                          seed, name, checkpoint_every=None) -> dict[str, Any]:
+    """The options as given, numpy scalars made Python ones (for the manifest's JSON); ConfigError listing
+    every problem otherwise."""
+    problems = [int_problem("num_samples", num_samples, minimum=1),
+                None if max_concurrent is None else int_problem("max_concurrent", max_concurrent, minimum=1),
+                int_problem("repeats", repeats, minimum=1),
+                None if checkpoint_every is None else int_problem("checkpoint_every", checkpoint_every, minimum=1),
+                int_problem("seed", seed, minimum=0)]
+    problems = [problem for problem in problems if problem is not None]
     if scheduler not in SCHEDULERS:
         problems.append(f"scheduler must be one of {', '.join(SCHEDULERS)}, but got {scheduler!r}.")
     if sampler not in SAMPLERS:
@@ -246,10 +243,16 @@ def _check_search_options(*, num_samples, max_concurrent, resources_per_trial, s
                             f"{resources_per_trial!r}.")
         else:
             for key, value in resources_per_trial.items():
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                if not is_number(value) or not value >= 0:
                     problems.append(f"resources_per_trial[{key!r}] must be a number >= 0, but got {value!r}.")
     if problems:
         raise ConfigError(problems, where="search options")
+    if resources_per_trial is not None:
+        resources_per_trial = {k: v.item() if hasattr(v, "item") else v for k, v in resources_per_trial.items()}
+    return {"num_samples": int(num_samples), "max_concurrent": None if max_concurrent is None else int(max_concurrent),
+            "resources_per_trial": resources_per_trial, "scheduler": scheduler, "sampler": sampler,
+            "repeats": int(repeats), "seed": int(seed), "name": name,
+            "checkpoint_every": None if checkpoint_every is None else int(checkpoint_every)}
 
 
 def _check_features(features) -> None:
@@ -375,67 +378,6 @@ def _rebuild_features(manifest, location):
     return rebuild_features(build_args)
 
 
-# -- baselines -----------------------------------------------------------------------------------------
-
-BASELINES = {  # name -> overrides of the sweep's fixed values (steps = 0 is the starting head)
-    "start": {"method": "erm", "steps": 0, "posthoc": "none"},
-    "start+logit_adjust": {"method": "erm", "steps": 0, "posthoc": "logit_adjust"},
-    "start+class_weights": {"method": "erm", "steps": 0, "posthoc": "class_weights"},
-    "erm": {"method": "erm", "posthoc": "none"},
-    "uniform_mixup": {"method": "uniform_mixup", "posthoc": "none"},
-}
-
-
-def _baselines(features, search_space, *, repeats: int, seed: int) -> dict[str, Any]:
-    """Run the baselines on the driver (CPU); cached per feature key and settings."""
-    from .engine import FinetuneConfig, finetune, finetune_repeats
-    from .history import mean_best_recall, pooled_best_counts
-
-    base = {"objective": search_space.objective, **search_space.fixed, "seed": seed, "device": "cpu"}
-    configs = {name: FinetuneConfig.from_dict({**base, **overrides}) for name, overrides in BASELINES.items()}
-    digest = hashlib.sha256(json.dumps(
-        {"format": BASELINE_FORMAT, "configs": {k: c.to_dict() for k, c in configs.items()}, "repeats": repeats},
-        sort_keys=True).encode()).hexdigest()[:16]
-    cache_file = _baseline_cache_dir() / f"{features.key or 'nokey'}-{digest}.json"
-    if features.key and cache_file.exists():
-        _log(f"baselines: cached ({cache_file})")
-        return json.loads(cache_file.read_text(encoding="utf-8"))
-
-    out: dict[str, Any] = {"format": BASELINE_FORMAT, "feature_key": features.key, "repeats": repeats,
-                           "baselines": {}}
-    for name, config in configs.items():
-        started = time.perf_counter()
-        reports: list[dict[str, float]] = []
-        if repeats == 1:
-            histories = [finetune(features, config, report=reports.append)]
-        else:
-            histories = finetune_repeats(features, config, repeats=repeats, report=reports.append)
-        out["baselines"][name] = {
-            "config": config.to_dict(),
-            "metrics": reports[-1],
-            "n_classes": features.n_classes,
-            "per_class_recall": mean_best_recall(histories),
-            **pooled_best_counts(histories),
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        _log(f"baseline {name:<20s} {SCORE_KEY}={reports[-1][SCORE_KEY]:.4f} "
-             f"test_at_best/{search_space.objective}="
-             f"{reports[-1].get('test_at_best/objective', float('nan')):.4f}")
-    if features.key:
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            cache_file.write_text(json.dumps(out), encoding="utf-8")
-        except OSError:
-            pass  # a read-only cache only costs recomputation
-    return out
-
-
-def _baseline_cache_dir() -> Path:
-    from .features import default_cache_dir
-
-    return Path(default_cache_dir()) / "baselines"
-
-
 # -- Ray Tune ------------------------------------------------------------------------------------------
 
 
@@ -465,6 +407,7 @@ def _shutdown_ray(started: bool) -> None:
 
 
 def _trainable(features, search_space, manifest, location):
+    import ray
     from ray import tune
 
     from .trainable import run_trial, trial_settings
@@ -477,7 +420,8 @@ def _trainable(features, search_space, manifest, location):
                               checkpoint_every=manifest.get("checkpoint_every", 1), checkpoint_steps=rungs,
                               fault_dir=fault_dir)
     resources = dict(manifest["resources_per_trial"])
-    trainable = tune.with_parameters(run_trial, features=features.to_object_store(), settings=settings)
+    # Put once: Tune hands every trial the dict, its arrays read-only zero-copy views of shared memory.
+    trainable = tune.with_parameters(run_trial, features=ray.put(features.to_dict()), settings=settings)
     return tune.with_resources(trainable, resources)
 
 
@@ -502,7 +446,7 @@ def _tuner_configs(search_space, manifest, location, journal: Path):
         mode=["max"] * len(metrics) if multi else "max",
         sampler=sampler,
         study_name=manifest["name"],
-        storage=_journal_storage(journal),
+        storage=journal_storage(journal),
         steps=manifest["steps"],
     )
     search_alg = searcher
@@ -562,46 +506,27 @@ def _remove_orphan_trial_folders(location, *, when: str = "started after the las
     and the resumed run's final sync writes them back into the experiment: ``resume`` therefore calls
     this before and after the run. Nothing is deleted when no snapshot can be read.
     """
-    names = _listdir(location)
-    snapshots = sorted(n for n in names if n.startswith("experiment_state-") and n.endswith(".json"))
+    names = location.listdir()
+    snapshots = experiment_state_files(names)
     if not snapshots:
         return []
     try:
-        state = json.loads(location.read_bytes(snapshots[-1]))
-        known = {json.loads(trial_json)["relative_logdir"] for trial_json, _ in state["trial_data"]}
-    except (OSError, ValueError, KeyError, TypeError):
+        known = {trial.relative_logdir for trial in parse_experiment_state(location.read_bytes(snapshots[-1]))}
+    except (OSError, ValueError):
+        return []
+    if None in known:  # a record without its folder name: nothing can be told apart safely
         return []
     orphans = [n for n in names if n not in known and location.exists(f"{n}/params.json")]
     for name in orphans:
-        if location.fs is None:
-            import shutil
-
-            shutil.rmtree(os.path.join(location.path, name), ignore_errors=True)
-        else:
-            location.fs.delete_dir(location._fs_path(name))
+        location.remove_dir(name)
     if orphans:
         _log(f"removed {len(orphans)} trial folder(s) unknown to Tune ({when}): {', '.join(orphans)}")
     return orphans
 
 
-def _listdir(location) -> list[str]:
-    """Names directly inside the experiment folder."""
-    if location.fs is None:
-        return sorted(os.listdir(location.path))
-    import pyarrow.fs
-
-    infos = location.fs.get_file_info(pyarrow.fs.FileSelector(location._fs_path("")))
-    return sorted(info.base_name for info in infos)
-
-
 def _fit(tuner, location, journal: Path) -> None:
     """Run the Tuner; the final snapshot (scheduler state, journal copy) is written at the end."""
-    import logging
-
-    # Every report carries a checkpoint, so Tune snapshots often and warns each time; the warning is noise.
-    state_logger = logging.getLogger("ray.tune.execution.experiment_state")
-    if not any(isinstance(f, _DropSnapshotWarning) for f in state_logger.filters):
-        state_logger.addFilter(_DropSnapshotWarning())
+    quiet_snapshot_warning()  # checkpoints force frequent snapshots, and Tune warns at each: noise here
     started = time.perf_counter()
     try:
         tuner.fit()
@@ -611,176 +536,13 @@ def _fit(tuner, location, journal: Path) -> None:
     _log(f"done in {time.perf_counter() - started:.1f} s: {location.path}")
 
 
-class _DropSnapshotWarning:
-    """logging filter: drops Tune's 'snapshotting has been triggered multiple times' warning only."""
-
-    def filter(self, record) -> bool:
-        return "snapshotting has been triggered multiple times" not in record.getMessage()
-
-
 def _load_run(location):
     from .results import load_run
 
     return load_run(location.local_path or location.path)
 
 
-# -- Optuna --------------------------------------------------------------------------------------------
-
-
-def _journal_storage(path: Path):
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
-
-
-def _local_journal(location, *, restore: bool = False) -> Path:
-    """The journal file Optuna writes: in the experiment (local storage) or on the driver's disk (URI).
-
-    With ``restore``, a URI experiment's copy replaces the local file when it is longer (the journal only
-    grows, so the longer one is the newer).
-    """
-    if not location.is_uri:
-        return Path(location.path) / JOURNAL_FILE
-    from .features import default_cache_dir
-
-    digest = hashlib.sha256(location.path.encode()).hexdigest()[:16]
-    local = Path(default_cache_dir()) / "journals" / digest / JOURNAL_FILE
-    local.parent.mkdir(parents=True, exist_ok=True)
-    if restore and location.exists(JOURNAL_FILE):
-        stored = location.read_bytes(JOURNAL_FILE)
-        if not local.exists() or local.stat().st_size < len(stored):
-            local.write_bytes(stored)
-    return local
-
-
-def _tell(study, trial, **kwargs) -> bool:
-    """``study.tell`` that tolerates a trial already finished (a restored trial may be told twice)."""
-    try:
-        study.tell(trial, **kwargs)
-        return True
-    except (ValueError, RuntimeError):
-        return False
-
-
-class PicklableNSGAIISampler(NSGAIISampler):
-    """Optuna's NSGAIISampler, made picklable (Tune pickles the searcher into the experiment state).
-
-    Optuna 5.1's NSGAIISampler holds a ``threading.Lock`` (``_thread_lock``) that pickle refuses; this
-    subclass leaves the lock out of its state and gives a restored sampler a fresh one.
-    """
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if not isinstance(v, _LOCK_TYPE)}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._thread_lock = threading.Lock()
-
-
-class StudySearch(OptunaSearch):
-    """OptunaSearch that tells PRUNED trials, tolerates re-told trials and fails orphans on restore.
-
-    Args (besides OptunaSearch's): steps, the sweep's step count: a trial that ends before it was
-    stopped by the scheduler and is told PRUNED (no value; telling PRUNED with a value raises in Optuna).
-
-    The study never holds a finished trial that the experiment's snapshot does not know. A trial that
-    started after the last snapshot (``save``) and finishes before the next one is told to Optuna at that
-    next snapshot, not at once: if the driver dies in between, Tune forgets the trial, and ``restore``
-    then marks its Optuna trial FAIL (a finished trial could no longer be changed, and the study would end
-    with more COMPLETE + PRUNED trials than the experiment has). Trials the last snapshot knows are told
-    at once. Tune snapshots every few trial checkpoints (``CHECKPOINTS_KEPT``), so the delay is short.
-    """
-
-    def __init__(self, *, steps: int, **kwargs):
-        super().__init__(**kwargs)
-        self._steps = steps
-        self._in_snapshot: set[str] = set()  # trial ids the last snapshot knows
-        self._untold: dict[str, dict] = {}  # trial id -> _tell kwargs, held until the next snapshot
-
-    def save(self, checkpoint_path: str) -> None:
-        for trial_id, outcome in self._untold.items():  # Tune wrote this snapshot's trial states just before
-            _tell(self._ot_study, self._ot_trials[trial_id], **outcome)
-        self._untold = {}
-        self._in_snapshot = set(self._ot_trials)
-        super().save(checkpoint_path)
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if isinstance(self.metric, list) or trial_id in self._completed_trials:
-            return
-        try:  # intermediate values for optuna-dashboard, indexed by step
-            self._ot_trials[trial_id].report(float(result[self.metric]), int(result[STEP_KEY]))
-        except (RuntimeError, ValueError, KeyError):
-            pass  # e.g. a restored trial that Optuna already saw finish
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials:
-            return
-        ot_trial = self._ot_trials[trial_id]
-        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        values = [None if not result else result.get(m) for m in metrics]
-        finished = bool(result) and result.get(STEP_KEY, -1) >= self._steps
-        if error or not result or any(v is None or not math.isfinite(v) for v in values):
-            outcome = {"state": TrialState.FAIL}
-        elif not finished:  # stopped early by the scheduler
-            outcome = {"state": TrialState.PRUNED}
-        else:
-            outcome = {"values": values if len(values) > 1 else values[0], "state": TrialState.COMPLETE}
-        if trial_id in self._in_snapshot:
-            _tell(self._ot_study, ot_trial, **outcome)
-        else:
-            self._untold[trial_id] = outcome
-        self._completed_trials.add(trial_id)
-
-    def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        self.__dict__.setdefault("_untold", {})  # a state saved before these attributes existed
-        self._in_snapshot = set(self._ot_trials)
-        known = {ot_trial.number for ot_trial in self._ot_trials.values()}
-        for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if trial.number not in known:  # asked after the last snapshot: Tune never recorded it
-                _tell(self._ot_study, trial.number, state=TrialState.FAIL)
-
-
-# -- snapshots and progress ----------------------------------------------------------------------------
-
-
-class SnapshotCallback(Callback):
-    """Persists ASHA's state (and a URI experiment's journal) at every experiment snapshot, and restores
-    ASHA's state when the experiment starts again (``resume``).
-
-    Tune calls ``get_state`` of every callback when it saves the experiment state (every ~10 s and at the
-    end): that is when ``scheduler_state.pkl`` is written; it returns None (nothing for Tune to keep).
-    """
-
-    def __init__(self, location: _Location, journal: Path, scheduler=None):
-        self.location = location
-        self.journal = journal
-        self.scheduler = scheduler
-
-    def setup(self, **info) -> None:
-        if self.scheduler is not None and self.location.exists(SCHEDULER_STATE_FILE):
-            with tempfile.TemporaryDirectory() as folder:
-                path = os.path.join(folder, SCHEDULER_STATE_FILE)
-                Path(path).write_bytes(self.location.read_bytes(SCHEDULER_STATE_FILE))
-                self.scheduler.restore(path)
-
-    def get_state(self):
-        self.snapshot()
-        return None
-
-    def on_experiment_end(self, trials, **info) -> None:
-        self.snapshot()
-
-    def snapshot(self) -> None:
-        if self.scheduler is not None:
-            with tempfile.TemporaryDirectory() as folder:
-                path = os.path.join(folder, SCHEDULER_STATE_FILE)
-                self.scheduler.save(path)
-                self.location.write_bytes(SCHEDULER_STATE_FILE, Path(path).read_bytes())
-        if self.location.is_uri and self.journal.exists():
-            self.location.write_bytes(JOURNAL_FILE, self.journal.read_bytes())
+# -- progress ----------------------------------------------------------------------------
 
 
 class ProgressCallback(Callback):
@@ -815,87 +577,3 @@ class ProgressCallback(Callback):
 def _log(message: str) -> None:
     """Driver progress: one concise line (not Tune's tables)."""
     print(f"[selmix-ray] {message}", file=sys.stdout, flush=True)
-
-
-# -- storage -------------------------------------------------------------------------------------------
-
-
-class _Location:
-    """An experiment folder ``<storage>/<name>`` on a local path or a pyarrow filesystem URI."""
-
-    def __init__(self, storage: str | os.PathLike, name: str):
-        storage = os.fspath(storage)
-        self.name = name
-        self.is_uri = "://" in storage
-        if self.is_uri:
-            import pyarrow.fs
-
-            self.fs, self.fs_storage = pyarrow.fs.FileSystem.from_uri(storage)
-            self.storage = storage.rstrip("/")
-            self.path = f"{self.storage}/{name}"
-            local = isinstance(self.fs, pyarrow.fs.LocalFileSystem)
-            self.local_path = f"{self.fs_storage}/{name}" if local else None
-        else:
-            self.fs = None
-            self.storage = os.path.abspath(os.path.expanduser(storage))
-            self.path = os.path.join(self.storage, name)
-            self.local_path = self.path
-
-    @classmethod
-    def of_experiment(cls, path: str | os.PathLike) -> _Location:
-        text = os.fspath(path).rstrip("/")
-        if "://" in text:
-            storage, _, name = text.rpartition("/")
-            return cls(storage, name)
-        text = os.path.abspath(os.path.expanduser(text))
-        return cls(os.path.dirname(text), os.path.basename(text))
-
-    def _fs_path(self, relative: str) -> str:
-        base = f"{self.fs_storage}/{self.name}"
-        return f"{base}/{relative}" if relative else base
-
-    def exists(self, relative: str) -> bool:
-        if self.fs is None:
-            return os.path.exists(os.path.join(self.path, relative) if relative else self.path)
-        import pyarrow.fs
-
-        return self.fs.get_file_info(self._fs_path(relative)).type != pyarrow.fs.FileType.NotFound
-
-    def read_bytes(self, relative: str) -> bytes:
-        if self.fs is None:
-            return Path(self.path, relative).read_bytes()
-        with self.fs.open_input_stream(self._fs_path(relative)) as stream:
-            return stream.read()
-
-    def write_bytes(self, relative: str, data: bytes) -> None:
-        """Write a whole file; local writes go through a temporary file and a rename (atomic)."""
-        if self.fs is None:
-            target = Path(self.path, relative)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.with_name(f".{target.name}.tmp")
-            temporary.write_bytes(data)
-            os.replace(temporary, target)
-            return
-        self.fs.create_dir(self._fs_path(""), recursive=True)
-        with self.fs.open_output_stream(self._fs_path(relative)) as stream:
-            stream.write(data)
-
-    def check_writable(self) -> None:
-        """Create the experiment folder, or raise ExperimentError saying why it cannot be."""
-        probe = ".selmix_write_probe"
-        try:
-            self.write_bytes(probe, b"ok")
-            if self.fs is None:
-                os.remove(os.path.join(self.path, probe))
-            else:
-                self.fs.delete_file(self._fs_path(probe))
-        except OSError as error:
-            raise ExperimentError(
-                f"Cannot write to storage {self.storage!r} ({error.__class__.__name__}: {error}). Pass a "
-                "writable folder or URI as storage=."
-            ) from error
-
-
-def _json_bytes(value) -> bytes:
-    return (json.dumps(value, indent=2, sort_keys=False, default=str) + "\n").encode()
-

@@ -5,7 +5,7 @@ A thin adapter, nothing more::
     Tune config dict -> SearchSpace.trial_config -> FinetuneConfig -> finetune / finetune_repeats
     engine report(metrics) + checkpoint(state) -> one ray.tune.report(metrics, checkpoint=...)
 
-The features arrive through ``tune.with_parameters`` as the dict that ``FeatureSet.to_object_store`` put
+The features arrive through ``tune.with_parameters`` as the dict that ``sweep`` put (``features.to_dict()``)
 in the object store: numpy arrays that are read-only, zero-copy views of shared memory.
 
 Every engine report becomes one ``tune.report``; some of them also carry a checkpoint with the resumable

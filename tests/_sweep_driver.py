@@ -1,7 +1,9 @@
 """Child-process driver for the kill/resume test: connects to the test session's Ray cluster and runs a
 sweep until the test kills it with SIGKILL (a killed driver must not own the cluster, SPEC.md section 9).
 
-    python tests/_sweep_driver.py ADDRESS STORAGE NAME NUM_SAMPLES SPACE_JSON
+    python tests/_sweep_driver.py ADDRESS STORAGE NAME NUM_SAMPLES SPACE_JSON [SEED [SCHEDULER]]
+
+Two trials at a time; SEED default 1, SCHEDULER default asha.
 
 Features: digits, rho 10, backbone "identity", cached under $XDG_CACHE_HOME (set by the test).
 """
@@ -15,6 +17,7 @@ import sys
 
 def main() -> None:
     address, storage, name, num_samples, space_json = sys.argv[1:6]
+    seed, scheduler = (sys.argv[6:] + ["1", "asha"][len(sys.argv[6:]):])[:2]
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -26,7 +29,7 @@ def main() -> None:
     ray.init(address=address, log_to_driver=False)
     features = build_features("digits", rho=10, backbone="identity")
     search(json.loads(space_json), features=features, storage=storage, name=name,
-           num_samples=int(num_samples), max_concurrent=2, seed=1)
+           num_samples=int(num_samples), max_concurrent=2, seed=int(seed), scheduler=scheduler)
 
 
 if __name__ == "__main__":

@@ -239,7 +239,7 @@ def test_block_features_are_zero_copy_in_a_trial(features, ray_cluster):
     the trial's tensors wrap them without a copy (the block's small weights are copied into the module)."""
     import ray
 
-    shared = FeatureSet.from_object_store(ray.get(features.to_object_store()))
+    shared = FeatureSet.from_object_store(ray.get(ray.put(features.to_dict())))
     trainer = Trainer(shared, FinetuneConfig.from_dict(SHORT))
     for name in ("train", "val", "test", "unlabeled"):
         maps = getattr(shared, name).maps

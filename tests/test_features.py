@@ -309,7 +309,7 @@ def test_bad_arguments_listed_together(tmp_path):
 def test_object_store_round_trip_is_zero_copy(ray_cluster, digits_identity):
     import ray
 
-    ref = digits_identity.to_object_store()
+    ref = ray.put(digits_identity.to_dict())
 
     @ray.remote(num_cpus=0)
     def inspect(payload):
@@ -326,7 +326,7 @@ def test_object_store_round_trip_is_zero_copy(ray_cluster, digits_identity):
     facts = ray.get(inspect.remote(ref))  # a top-level ObjectRef argument arrives as the fetched dict
     assert facts == {"writeable": False, "owndata": False, "has_base": True, "fs_writeable": False,
                      "checksum": float(np.asarray(digits_identity.train.x, np.float64).sum())}
-    local = FeatureSet.from_object_store(ref)
+    local = FeatureSet.from_object_store(ray.get(ref))
     np.testing.assert_array_equal(local.val.x, digits_identity.val.x)
 
 
@@ -400,7 +400,7 @@ def test_block_mode_factory_split_and_float16_maps(tmp_path, monkeypatch):
 def test_block_mode_object_store_is_zero_copy(ray_cluster, digits_cnn_block):
     import ray
 
-    ref = digits_cnn_block.to_object_store()
+    ref = ray.put(digits_cnn_block.to_dict())
 
     @ray.remote(num_cpus=0)
     def inspect(payload):

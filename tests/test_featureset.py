@@ -48,3 +48,25 @@ def test_unlabeled_split_must_hide_its_labels():
             train=fs.train, val=fs.val, test=fs.test, n_classes=3, weight=fs.weight, bias=fs.bias,
             unlabeled=Split(x=fs.train.x, y=fs.train.y),
         )
+
+
+def test_from_object_store_takes_the_fetched_dict_and_refuses_anything_else():
+    fs = _features()
+    assert FeatureSet.from_object_store(fs) is fs
+    back = FeatureSet.from_object_store(fs.to_dict())
+    assert np.shares_memory(back.val.x, fs.val.x) and not back.val.x.flags.writeable
+    with pytest.raises(DataError, match=r"pass ray.get\(ref\)"):
+        FeatureSet.from_object_store(["not", "a", "dict"])
+
+
+def test_featureset_module_never_imports_ray():
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys\n"
+            "from selmix_ray.featureset import FeatureSet\n"
+            "print(json.dumps('ray' in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) is False

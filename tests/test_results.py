@@ -1,7 +1,8 @@
 """Reading experiments: against small REAL sweeps run here (Ray Tune + Optuna on digits features).
 
-One single-objective sweep and one multi-objective sweep are shared by the module; the interrupted-sweep
-test runs its own driver in a child process connected to the session's Ray cluster and kills it.
+One single-objective sweep and one multi-objective sweep are shared by the session (conftest.py: ``sweep``,
+``multi_sweep``); the interrupted-sweep test runs its own driver (tests/_sweep_driver.py) in a child process
+connected to the session's Ray cluster and kills it.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SWEEP_DRIVER, SWEEP_SPACE, trial_results
 
 from selmix_ray.constants import MANIFEST_FILE, METRIC_NAMES, SCORE_KEY
 from selmix_ray.errors import ExperimentError
@@ -24,65 +25,7 @@ from selmix_ray.results import STATUSES, compare, load_run
 
 pytestmark = pytest.mark.slow
 
-SPACE = {
-    "objective": "min_recall",
-    "space": {
-        "method": {"choice": ["selmix", "uniform_mixup"]},
-        "s": {"loguniform": [0.1, 100], "when": {"method": "selmix"}},
-        "refresh_every": {"int": [2, 20], "log": True},
-        "lr": {"loguniform": [0.1, 10]},
-        "posthoc": {"choice": ["none", "class_weights"]},
-    },
-    "fixed": {"steps": 60, "eval_every": 10},
-}
-MULTI_SPACE = {**SPACE, "objective": None, "objectives": ["min_recall", "mean_recall"]}
-del MULTI_SPACE["objective"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def cache_home(tmp_path_factory):
-    path = tmp_path_factory.mktemp("xdg_cache_results")
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
-    else:
-        os.environ["XDG_CACHE_HOME"] = old
-
-
-@pytest.fixture(scope="module")
-def digits(cache_home):
-    from selmix_ray.features import build_features
-
-    return build_features("digits", rho=10, backbone="identity")
-
-
-@pytest.fixture(scope="module")
-def storage(tmp_path_factory):
-    return tmp_path_factory.mktemp("experiments")
-
-
-@pytest.fixture(scope="module")
-def sweep(ray_cluster, digits, storage):
-    """A finished 8-trial ASHA sweep (some trials pruned)."""
-    from selmix_ray.sweep import search
-
-    search(SPACE, features=digits, storage=storage, name="single", num_samples=8, max_concurrent=2, seed=0)
-    return storage / "single"
-
-
-@pytest.fixture(scope="module")
-def multi_sweep(ray_cluster, digits, storage):
-    from selmix_ray.sweep import search
-
-    search(MULTI_SPACE, features=digits, storage=storage, name="multi", num_samples=3, max_concurrent=2, seed=0)
-    return storage / "multi"
-
-
-def _reported(trial_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines() if line.strip()]
 
 
 def test_trial_table_columns_rows_and_statuses(sweep):
@@ -101,7 +44,7 @@ def test_trial_table_columns_rows_and_statuses(sweep):
     assert table.num_rows == 8 and table.column_names == list(df.columns)
     # Row values are the trial's last report.
     for trial_id, folder in run.trial_dirs.items():
-        last = _reported(folder)[-1]
+        last = trial_results(folder)[-1]
         row = df[df["trial_id"] == trial_id].iloc[0]
         assert row[SCORE_KEY] == last[SCORE_KEY] and row["steps_reached"] == last["step"]
     best = run.best
@@ -130,7 +73,7 @@ def test_rerank_agrees_with_reported_scalars(sweep, objective):
     scores = ranked[f"val/best_{objective}"].to_numpy()
     assert np.all(np.diff(scores) <= 0)  # best first
     for _, row in ranked.iterrows():
-        reports = _reported(run.trial_dirs[row["trial_id"]])
+        reports = trial_results(run.trial_dirs[row["trial_id"]])
         own = objective == run.objective  # then compare with val/objective, computed exactly as here
         values = [r["val/objective" if own else f"val/{objective}"] for r in reports]
         steps = [r["step"] for r in reports]
@@ -217,27 +160,13 @@ def test_parameter_importance(sweep):
     assert all(v >= 0 for v in importance.values())
 
 
-DRIVER = """
-import os, sys
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-import json, ray
-from selmix_ray.features import build_features
-from selmix_ray.sweep import search
-ray.init(address=sys.argv[1], log_to_driver=False)
-search(json.loads(sys.argv[4]), features=build_features("digits", rho=10, backbone="identity"),
-       storage=sys.argv[2], name=sys.argv[3], num_samples=4, max_concurrent=2, scheduler="fifo", seed=0)
-"""
-
-
 def test_loads_a_running_then_interrupted_sweep(ray_cluster, cache_home, sweep, tmp_path):
     """Poll load_run while a child driver runs a sweep, SIGKILL it mid-run, then load what is left."""
     # Same fixed values and seed as `sweep`: the child finds the baselines in the cache. Slow trials (a gain
     # refresh every step, large batches) keep the sweep running long enough to be watched.
-    space = {**SPACE, "space": {"refresh_every": {"int": [1, 2]}, "batch_size": {"choice": [1024]}}}
-    child = subprocess.Popen([sys.executable, "-c", DRIVER, ray_cluster, str(tmp_path), "live", json.dumps(space)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    space = {**SWEEP_SPACE, "space": {"refresh_every": {"int": [1, 2]}, "batch_size": {"choice": [1024]}}}
+    child = subprocess.Popen([sys.executable, SWEEP_DRIVER, ray_cluster, str(tmp_path), "live", "4", json.dumps(space),
+                              "0", "fifo"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     experiment = tmp_path / "live"
     seen_running = False
     try:

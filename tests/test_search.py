@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SWEEP_DRIVER, trial_results
 
 from selmix_ray.constants import JOURNAL_FILE, MANIFEST_FILE, SCHEDULER_STATE_FILE, SCORE_KEY, STEP_KEY
 from selmix_ray.errors import ConfigError, ExperimentError
@@ -29,27 +30,6 @@ SPACE = {
     },
     "fixed": {"steps": 40, "eval_every": 10},
 }
-DRIVER = Path(__file__).with_name("_sweep_driver.py")
-
-
-@pytest.fixture(scope="module")
-def cache_home(tmp_path_factory):
-    """A private XDG cache (features, baselines) shared with child drivers through the environment."""
-    path = tmp_path_factory.mktemp("xdg_cache")
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
-    else:
-        os.environ["XDG_CACHE_HOME"] = old
-
-
-@pytest.fixture(scope="module")
-def digits(cache_home):
-    from selmix_ray.features import build_features
-
-    return build_features("digits", rho=10, backbone="identity")
 
 
 def _study(journal: Path, name: str):
@@ -67,16 +47,11 @@ def _states(study) -> dict[str, int]:
     return out
 
 
-def _results(trial_dir: Path) -> list[dict]:
-    lines = (trial_dir / "result.json").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
 def _trial_dirs(experiment: Path) -> dict[str, Path]:
     out = {}
     for folder in experiment.iterdir():
         if (folder / "result.json").is_file() and (folder / "result.json").stat().st_size:
-            out[_results(folder)[0]["trial_id"]] = folder
+            out[trial_results(folder)[0]["trial_id"]] = folder
     return out
 
 
@@ -177,7 +152,7 @@ def test_asha_sweep_prunes_retries_from_checkpoints_and_keeps_the_journal(ray_cl
     assert failures.sum() == 1
     retried = failures.idxmax()
     for trial_id, folder in _trial_dirs(experiment).items():
-        steps = [int(r[STEP_KEY]) for r in _results(folder)]
+        steps = [int(r[STEP_KEY]) for r in trial_results(folder)]
         assert steps == sorted(set(steps)), f"trial {trial_id} restarted from scratch: {steps}"
         if trial_id == retried:  # went on after the fault (ASHA may still stop it at the step-30 rung)
             assert steps[-1] >= 30
@@ -186,7 +161,7 @@ def test_asha_sweep_prunes_retries_from_checkpoints_and_keeps_the_journal(ray_cl
             reference = []
             finetune(digits, config, report=reference.append)
             expected = {int(r[STEP_KEY]): r for r in reference}[steps[-1]]
-            final = _results(folder)[-1]
+            final = trial_results(folder)[-1]
             for key in (SCORE_KEY, "val/objective", "test/objective", "test_at_best/objective"):
                 assert final[key] == pytest.approx(expected[key], abs=1e-12), key
 
@@ -218,7 +193,7 @@ def test_sigkilled_driver_resumes_to_exactly_num_samples(ray_cluster, digits, ca
     space = {**SPACE, "fixed": {"steps": 300, "eval_every": 30}}  # ~1-3 s per trial: time to kill mid-sweep
     experiment = tmp_path / "killed"
     child = subprocess.Popen(
-        [sys.executable, str(DRIVER), ray_cluster, str(tmp_path), "killed", str(num_samples), json.dumps(space)],
+        [sys.executable, SWEEP_DRIVER, ray_cluster, str(tmp_path), "killed", str(num_samples), json.dumps(space)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
     )
     try:
@@ -240,7 +215,7 @@ def test_sigkilled_driver_resumes_to_exactly_num_samples(ray_cluster, digits, ca
 
     snapshot = _snapshot_trials(experiment)
     assert len(snapshot) < num_samples or "RUNNING" in snapshot.values(), "killed too late to test anything"
-    finished_before = {tid: _results(folder)[-1][SCORE_KEY] for tid, folder in _trial_dirs(experiment).items()
+    finished_before = {tid: trial_results(folder)[-1][SCORE_KEY] for tid, folder in _trial_dirs(experiment).items()
                        if snapshot.get(tid) == "TERMINATED"}
     rungs_before = _rungs(experiment / SCHEDULER_STATE_FILE)
     assert rungs_before
@@ -263,7 +238,7 @@ def test_sigkilled_driver_resumes_to_exactly_num_samples(ray_cluster, digits, ca
     assert study.trials[orphan].state.name == "FAIL"
     after = _trial_dirs(experiment)
     for trial_id, score in finished_before.items():
-        assert _results(after[trial_id])[-1][SCORE_KEY] == score
+        assert trial_results(after[trial_id])[-1][SCORE_KEY] == score
     rungs_after = _rungs(experiment / SCHEDULER_STATE_FILE)
     assert {key: rungs_after.get(key) for key in rungs_before} == rungs_before
 
@@ -299,7 +274,7 @@ def test_repeats_sweep_checkpoints_every_copy_and_results_load_it(ray_cluster, d
         assert [c["meta"]["config"]["seed"] for c in copies] == [4, 5]
         history = run.history(trial_id)  # results read both copies
         assert len(history.copies) == 2 and history.steps == [0, 10, 20]
-        reported = _results(folder)[-1][SCORE_KEY]  # the mean of the copies' scores
+        reported = trial_results(folder)[-1][SCORE_KEY]  # the mean of the copies' scores
         assert reported == pytest.approx(np.mean([c["records"][-1]["metrics"][SCORE_KEY] for c in copies]))
 
     # Baselines carry their confusion counts at the best report, summed over the copies: the starting
@@ -329,7 +304,7 @@ def test_multi_objective_sweep_ends_with_complete_trials_holding_both_values(ray
     assert len(study.directions) == 2
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     reported = sorted([final[SCORE_KEY], final["val/mean_recall"]]
-                      for final in (_results(folder)[-1] for folder in _trial_dirs(tmp_path / "multi").values()))
+                      for final in (trial_results(folder)[-1] for folder in _trial_dirs(tmp_path / "multi").values()))
     for values, expected in zip(sorted(trial.values for trial in study.trials), reported):
         assert values == pytest.approx(expected, abs=1e-12)
     assert len(run.df) == 3
@@ -359,6 +334,8 @@ def test_a_ray_that_search_started_is_shut_down_and_the_callers_is_not(monkeypat
 def test_resume_removes_trial_folders_the_last_snapshot_does_not_list(tmp_path):
     import importlib
 
+    from selmix_ray.storage import Location
+
     sweep = importlib.import_module("selmix_ray.sweep")
 
     experiment = tmp_path / "exp"
@@ -372,12 +349,12 @@ def test_resume_removes_trial_folders_the_last_snapshot_does_not_list(tmp_path):
     (experiment / "experiment_state-2026-01-01_00-00-10.json").write_text(
         json.dumps({"trial_data": [[trial, {}]]}))  # the newest snapshot is the one Tune restores
     for storage in (str(experiment), f"file://{experiment}"):
-        sweep._remove_orphan_trial_folders(sweep._Location.of_experiment(storage))
+        sweep._remove_orphan_trial_folders(Location.of_experiment(storage))
         assert sorted(p.name for p in experiment.iterdir() if p.is_dir()) == ["not_a_trial", "run_trial_known_1"]
         (experiment / "run_trial_orphan_2").mkdir()
         (experiment / "run_trial_orphan_2" / "params.json").write_text("{}")
     (experiment / "experiment_state-2026-01-01_00-00-10.json").write_text('{"trial_data": [')  # half-written
-    assert sweep._remove_orphan_trial_folders(sweep._Location.of_experiment(experiment)) == []
+    assert sweep._remove_orphan_trial_folders(Location.of_experiment(experiment)) == []
     assert (experiment / "run_trial_orphan_2").is_dir()
 
 
@@ -414,7 +391,8 @@ def test_a_trial_finished_after_the_last_snapshot_is_told_only_at_the_next(tmp_p
     import optuna
 
     from selmix_ray.space import load_space
-    from selmix_ray.sweep import StudySearch, _journal_storage
+    from selmix_ray.storage import journal_storage
+    from selmix_ray.sweep import StudySearch
 
     space = load_space({"objective": "min_recall", "space": {"lr": {"loguniform": [0.1, 10.0]}},
                         "fixed": {"steps": 100, "eval_every": 10}}).define_by_run()  # picklable, as in sweeps
@@ -424,7 +402,7 @@ def test_a_trial_finished_after_the_last_snapshot_is_told_only_at_the_next(tmp_p
     def searcher(journal):
         return StudySearch(space=space, metric="val/best_objective", mode="max", steps=100,
                            sampler=optuna.samplers.RandomSampler(seed=0), study_name="s",
-                           storage=_journal_storage(journal))
+                           storage=journal_storage(journal))
 
     live = searcher(journal)
     live.suggest("a")
@@ -450,3 +428,34 @@ def test_a_trial_finished_after_the_last_snapshot_is_told_only_at_the_next(tmp_p
     live.save(str(tmp_path / "lived.pkl"))
     (trial,) = _study(journal, "s").trials
     assert trial.state.name == "COMPLETE" and trial.value == 0.9
+
+
+def test_search_options_accept_numpy_integers_and_refuse_bools():
+    import numpy as np
+
+    from selmix_ray.sweep import _check_search_options
+
+    options = dict(num_samples=np.int64(4), max_concurrent=np.int32(2), resources_per_trial={"cpu": np.float32(0.5)},
+                   scheduler="asha", sampler="tpe", repeats=np.int64(2), seed=np.int64(0), name="x",
+                   checkpoint_every=np.int16(3))
+    checked = _check_search_options(**options)  # no error; Python numbers for the manifest's JSON
+    assert json.loads(json.dumps(checked)) == {**options, "num_samples": 4, "max_concurrent": 2, "repeats": 2,
+                                               "seed": 0, "checkpoint_every": 3, "resources_per_trial": {"cpu": 0.5}}
+    with pytest.raises(ConfigError) as error:
+        _check_search_options(**{**options, "num_samples": True, "seed": False, "resources_per_trial": {"gpu": True}})
+    assert error.value.problems == [
+        "num_samples must be an integer >= 1, but got num_samples=True.",
+        "seed must be an integer >= 0, but got seed=False.",
+        "resources_per_trial['gpu'] must be a number >= 0, but got True.",
+    ]
+
+
+def test_experiments_pickled_before_the_split_still_find_their_classes():
+    """Tune pickles the Tuner (callbacks with their Location, the searcher) into the experiment; resume
+    unpickles it by the names the experiment was started with."""
+    from selmix_ray.storage import Location
+    from selmix_ray.tune_adapter import PicklableNSGAIISampler, SnapshotCallback, StudySearch
+
+    for name, expected in [("_Location", Location), ("SnapshotCallback", SnapshotCallback),
+                           ("StudySearch", StudySearch), ("PicklableNSGAIISampler", PicklableNSGAIISampler)]:
+        assert pickle.loads(f"cselmix_ray.sweep\n{name}\n.".encode()) is expected, name

@@ -1,0 +1,300 @@
+"""Every use of Ray Tune's and Optuna's private internals, in one place (written for Ray 2.60, Optuna 5.1).
+
+What selmix-ray relies on beyond their public APIs, and the function or class that does it:
+
+- ``OptunaSearch``'s private ``_ot_study``, ``_ot_trials`` (Tune trial id -> Optuna trial) and
+  ``_completed_trials``, and its ``save``/``restore`` pickling ``__dict__`` (:class:`StudySearch`);
+- Optuna's ``NSGAIISampler`` holding an unpicklable ``threading.Lock`` as ``_thread_lock``
+  (:class:`PicklableNSGAIISampler`);
+- Tune calling every callback's ``get_state`` when it writes an experiment snapshot, and never restoring
+  a scheduler's state on ``Tuner.restore`` (:class:`SnapshotCallback`);
+- the text of the warning that ``ray.tune.execution.experiment_state`` logs at frequent snapshots
+  (:func:`quiet_snapshot_warning`);
+- the layout of Tune's ``experiment_state-<time>.json`` files: ``{"trial_data": [[trial_json,
+  runtime_json], ...]}`` with ``trial_id``, ``status`` and ``relative_logdir`` in the trial's JSON and
+  ``num_failures`` in the runtime JSON (:func:`parse_experiment_state`, :func:`read_trial_states`).
+
+``tests/test_tune_adapter.py`` checks each of these on the installed versions and that those are within
+:data:`TESTED_VERSIONS`; when one fails it names the function here to revisit.
+
+Importing this module imports neither Ray nor Optuna (``results`` reads experiment states with Ray
+stopped): the three classes that subclass Ray's and Optuna's are defined on first access (module
+``__getattr__``), which imports them then. Pickles name them ``selmix_ray.tune_adapter.<Class>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from .constants import JOURNAL_FILE, SCHEDULER_STATE_FILE, STEP_KEY
+
+__all__ = [
+    "TESTED_VERSIONS",
+    "untested_versions",
+    "StudySearch",
+    "PicklableNSGAIISampler",
+    "SnapshotCallback",
+    "quiet_snapshot_warning",
+    "TuneTrialState",
+    "EXPERIMENT_STATE_PREFIX",
+    "experiment_state_files",
+    "parse_experiment_state",
+    "read_trial_states",
+]
+
+# package -> (lowest tested, first untested) release: [low, high). Widen only after the adapter tests pass.
+TESTED_VERSIONS = {"ray": ((2, 60), (2, 61)), "optuna": ((5, 1), (5, 2))}
+EXPERIMENT_STATE_PREFIX = "experiment_state-"  # Tune's CKPT_FILE_TMPL "experiment_state-{}.json"
+SNAPSHOT_WARNING = "snapshotting has been triggered multiple times"  # part of Tune's warning text
+SNAPSHOT_LOGGER = "ray.tune.execution.experiment_state"  # the module that logs it
+_LAZY_CLASSES = ("StudySearch", "PicklableNSGAIISampler", "SnapshotCallback")
+
+
+def untested_versions() -> list[str]:
+    """One sentence per installed package outside :data:`TESTED_VERSIONS` (empty: all tested)."""
+    out = []
+    for package, (low, high) in TESTED_VERSIONS.items():
+        installed = metadata.version(package)
+        release = tuple(int(re.match(r"\d*", part).group() or 0) for part in installed.split(".")[:2])
+        if not low <= release < high:
+            out.append(f"{package} {installed} is outside the tested range [{'.'.join(map(str, low))}, "
+                       f"{'.'.join(map(str, high))}) of selmix_ray.tune_adapter.")
+    return out
+
+
+# -- Tune's experiment state (no Ray needed) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TuneTrialState:
+    """One trial as Tune's experiment snapshot records it.
+
+    Attributes:
+        trial_id: Tune's trial id (None when the record has none).
+        status: "PENDING", "RUNNING", "PAUSED", "TERMINATED" or "ERROR".
+        num_failures: how many times the trial failed (each retried from its last checkpoint).
+        relative_logdir: the trial's folder name inside the experiment (None when the record has none).
+    """
+
+    trial_id: str | None
+    status: str | None
+    num_failures: int
+    relative_logdir: str | None
+
+
+def experiment_state_files(names: list[str]) -> list[str]:
+    """The experiment snapshot files among ``names``, oldest first (their names sort by time)."""
+    return sorted(n for n in names if n.startswith(EXPERIMENT_STATE_PREFIX) and n.endswith(".json"))
+
+
+def parse_experiment_state(data: str | bytes) -> list[TuneTrialState]:
+    """The trials of one experiment snapshot file's text; ValueError when it is not a readable snapshot
+    (e.g. half-written). A runtime record that is already a mapping is read as it is."""
+    try:
+        out = []
+        for trial_json, runtime_json in json.loads(data)["trial_data"]:
+            trial = json.loads(trial_json)
+            runtime = json.loads(runtime_json) if isinstance(runtime_json, (str, bytes)) else runtime_json
+            out.append(TuneTrialState(trial_id=trial.get("trial_id"), status=trial.get("status"),
+                                      num_failures=runtime.get("num_failures", 0),
+                                      relative_logdir=trial.get("relative_logdir")))
+        return out
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"not a Tune experiment snapshot: {error!r}") from None
+
+
+def read_trial_states(folder: str | os.PathLike) -> dict[str, TuneTrialState]:
+    """{trial_id: state} from the newest readable snapshot in the local experiment ``folder`` (a running
+    sweep rewrites them, so a newer one may be half-written); {} when there is none."""
+    folder = Path(folder)
+    for name in reversed(experiment_state_files(os.listdir(folder))):
+        try:
+            trials = parse_experiment_state((folder / name).read_bytes())
+            if any(trial.trial_id is None for trial in trials):
+                raise ValueError("a trial without trial_id")
+            return {trial.trial_id: trial for trial in trials}
+        except (OSError, ValueError):
+            continue
+    return {}
+
+
+# -- logging -------------------------------------------------------------------------------------------
+
+
+class _DropSnapshotWarning:
+    """logging filter: drops Tune's 'snapshotting has been triggered multiple times' warning only."""
+
+    def filter(self, record) -> bool:
+        return SNAPSHOT_WARNING not in record.getMessage()
+
+
+def quiet_snapshot_warning() -> None:
+    """Silence the warning Tune logs each time checkpoints force an experiment snapshot (noise here:
+    trials checkpoint often by design); idempotent."""
+    state_logger = logging.getLogger(SNAPSHOT_LOGGER)
+    if not any(isinstance(f, _DropSnapshotWarning) for f in state_logger.filters):
+        state_logger.addFilter(_DropSnapshotWarning())
+
+
+# -- Optuna and Tune subclasses (defined on first access) ---------------------------------------------
+
+
+def tell(study, trial, **kwargs) -> bool:
+    """``study.tell`` that tolerates a trial already finished (a restored trial may be told twice)."""
+    try:
+        study.tell(trial, **kwargs)
+        return True
+    except (ValueError, RuntimeError):
+        return False
+
+
+def __getattr__(name: str):
+    if name in _LAZY_CLASSES:
+        _define_sampler()
+        _define_searcher()
+        _define_callback()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _define_sampler() -> None:
+    global PicklableNSGAIISampler
+    from optuna.samplers import NSGAIISampler
+
+    class PicklableNSGAIISampler(NSGAIISampler):
+        """Optuna's NSGAIISampler, made picklable (Tune pickles the searcher into the experiment state).
+
+        Optuna 5.1's NSGAIISampler holds a ``threading.Lock`` (``_thread_lock``) that pickle refuses; this
+        subclass leaves the lock out of its state and gives a restored sampler a fresh one.
+        """
+
+        def __getstate__(self) -> dict:
+            return {k: v for k, v in self.__dict__.items() if not isinstance(v, _LOCK_TYPE)}
+
+        def __setstate__(self, state: dict) -> None:
+            self.__dict__.update(state)
+            self._thread_lock = threading.Lock()
+
+
+_LOCK_TYPE = type(threading.Lock())
+
+
+def _define_searcher() -> None:
+    global StudySearch
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    class StudySearch(OptunaSearch):
+        """OptunaSearch that tells PRUNED trials, tolerates re-told trials and fails orphans on restore.
+
+        Args (besides OptunaSearch's): steps, the sweep's step count: a trial that ends before it was
+        stopped by the scheduler and is told PRUNED (no value; telling PRUNED with a value raises in Optuna).
+
+        The study never holds a finished trial that the experiment's snapshot does not know. A trial that
+        started after the last snapshot (``save``) and finishes before the next one is told to Optuna at
+        that next snapshot, not at once: if the driver dies in between, Tune forgets the trial, and
+        ``restore`` then marks its Optuna trial FAIL (a finished trial could no longer be changed, and the
+        study would end with more COMPLETE + PRUNED trials than the experiment has). Trials the last
+        snapshot knows are told at once. Tune snapshots every few trial checkpoints (``num_to_keep``), so
+        the delay is short.
+        """
+
+        def __init__(self, *, steps: int, **kwargs):
+            super().__init__(**kwargs)
+            self._steps = steps
+            self._in_snapshot: set[str] = set()  # trial ids the last snapshot knows
+            self._untold: dict[str, dict] = {}  # trial id -> tell kwargs, held until the next snapshot
+
+        def save(self, checkpoint_path: str) -> None:
+            for trial_id, outcome in self._untold.items():  # Tune wrote this snapshot's trial states before
+                tell(self._ot_study, self._ot_trials[trial_id], **outcome)
+            self._untold = {}
+            self._in_snapshot = set(self._ot_trials)
+            super().save(checkpoint_path)
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if isinstance(self.metric, list) or trial_id in self._completed_trials:
+                return
+            try:  # intermediate values for optuna-dashboard, indexed by step
+                self._ot_trials[trial_id].report(float(result[self.metric]), int(result[STEP_KEY]))
+            except (RuntimeError, ValueError, KeyError):
+                pass  # e.g. a restored trial that Optuna already saw finish
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if trial_id in self._completed_trials:
+                return
+            ot_trial = self._ot_trials[trial_id]
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            values = [None if not result else result.get(m) for m in metrics]
+            finished = bool(result) and result.get(STEP_KEY, -1) >= self._steps
+            if error or not result or any(v is None or not math.isfinite(v) for v in values):
+                outcome = {"state": TrialState.FAIL}
+            elif not finished:  # stopped early by the scheduler
+                outcome = {"state": TrialState.PRUNED}
+            else:
+                outcome = {"values": values if len(values) > 1 else values[0], "state": TrialState.COMPLETE}
+            if trial_id in self._in_snapshot:
+                tell(self._ot_study, ot_trial, **outcome)
+            else:
+                self._untold[trial_id] = outcome
+            self._completed_trials.add(trial_id)
+
+        def restore(self, checkpoint_path: str) -> None:
+            super().restore(checkpoint_path)
+            self.__dict__.setdefault("_untold", {})  # a state saved before these attributes existed
+            self._in_snapshot = set(self._ot_trials)
+            known = {ot_trial.number for ot_trial in self._ot_trials.values()}
+            for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if trial.number not in known:  # asked after the last snapshot: Tune never recorded it
+                    tell(self._ot_study, trial.number, state=TrialState.FAIL)
+
+
+def _define_callback() -> None:
+    global SnapshotCallback
+    from ray.tune import Callback
+
+    class SnapshotCallback(Callback):
+        """Persists ASHA's state (and a URI experiment's journal) at every experiment snapshot, and
+        restores ASHA's state when the experiment starts again (``resume``).
+
+        Tune calls ``get_state`` of every callback when it saves the experiment state (every ~10 s and at
+        the end): that is when ``scheduler_state.pkl`` is written; it returns None (nothing for Tune to
+        keep). ``location`` is a :class:`selmix_ray.storage.Location`; ``journal`` the local journal file.
+        """
+
+        def __init__(self, location, journal: Path, scheduler=None):
+            self.location = location
+            self.journal = journal
+            self.scheduler = scheduler
+
+        def setup(self, **info) -> None:
+            if self.scheduler is not None and self.location.exists(SCHEDULER_STATE_FILE):
+                with tempfile.TemporaryDirectory() as folder:
+                    path = os.path.join(folder, SCHEDULER_STATE_FILE)
+                    Path(path).write_bytes(self.location.read_bytes(SCHEDULER_STATE_FILE))
+                    self.scheduler.restore(path)
+
+        def get_state(self):
+            self.snapshot()
+            return None
+
+        def on_experiment_end(self, trials, **info) -> None:
+            self.snapshot()
+
+        def snapshot(self) -> None:
+            if self.scheduler is not None:
+                with tempfile.TemporaryDirectory() as folder:
+                    path = os.path.join(folder, SCHEDULER_STATE_FILE)
+                    self.scheduler.save(path)
+                    self.location.write_bytes(SCHEDULER_STATE_FILE, Path(path).read_bytes())
+            if self.location.is_uri and self.journal.exists():
+                self.location.write_bytes(JOURNAL_FILE, self.journal.read_bytes())
