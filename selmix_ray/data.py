@@ -376,21 +376,7 @@ def make_splits(
         SplitIndices, each index array sorted.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    K = _check_count(n_classes, "n_classes", minimum=2)
-    n_val = _check_count(n_val, "n_val", minimum=0)
-    n_test = _check_count(n_test, "n_test", minimum=0)
-    rho = float(rho)
-    if not np.isfinite(rho) or rho < 1:
-        raise DataError(
-            f"The labeled split needs rho >= 1 (class 0 largest), but got {rho=}; "
-            f"a reversed profile (rho < 1) is only for the unlabeled pool (rho_unlabeled)."
-        )
-    if labels.size and (labels.min() < 0 or labels.max() >= K):
-        raise DataError(f"labels must lie in [0, {K}), but got values in [{labels.min()}, {labels.max()}].")
-    present = np.bincount(labels, minlength=K)
-    empty = np.flatnonzero(present == 0)
-    if empty.size:
-        raise DataError(f"Class {', '.join(map(str, empty[:10]))} has no sample; every class needs samples.")
+    K, n_val, n_test, rho = _check_split_inputs(labels, n_classes, n_val, n_test, rho)
 
     rng = np.random.default_rng(seed)
     by_class = [rng.permutation(np.flatnonzero(labels == k)) for k in range(K)]
@@ -416,23 +402,9 @@ def make_splits(
             f"or n_val/n_test."
         )
 
-    unlabeled_parts: list[np.ndarray] = []
-    n_max_u = 0
+    unlabeled_parts, n_max_u = [], 0
     if rho_unlabeled is not None:
-        rest = left - counts
-        n_max_u = _pool_n_max(rest, rho_unlabeled, K) if n_max_unlabeled is None else _check_count(
-            n_max_unlabeled, "n_max_unlabeled", minimum=1
-        )
-        pool_counts = long_tail_counts(n_max_u, rho_unlabeled, K)
-        over = np.flatnonzero(pool_counts > rest)
-        if over.size:
-            k = int(over[0])
-            raise DataError(
-                f"The unlabeled pool (n_max_unlabeled={n_max_u}, rho_unlabeled={rho_unlabeled}) asks "
-                f"{pool_counts[k]} samples of class {k}, but only {rest[k]} are left after the labeled "
-                f"split; lower n_max_unlabeled, or lower n_max to leave more."
-            )
-        unlabeled_parts = [r[c:c + u] for r, c, u in zip(remainders, counts, pool_counts)]
+        unlabeled_parts, n_max_u = _pool_parts(remainders, left - counts, counts, rho_unlabeled, n_max_unlabeled, K)
 
     def join(parts):
         return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
@@ -445,6 +417,43 @@ def make_splits(
         n_max=n_max,
         n_max_unlabeled=n_max_u,
     )
+
+
+def _check_split_inputs(labels, n_classes, n_val, n_test, rho) -> tuple[int, int, int, float]:
+    """The checked (K, n_val, n_test, rho) of make_splits; every class present in ``labels``."""
+    K = _check_count(n_classes, "n_classes", minimum=2)
+    n_val = _check_count(n_val, "n_val", minimum=0)
+    n_test = _check_count(n_test, "n_test", minimum=0)
+    rho = float(rho)
+    if not np.isfinite(rho) or rho < 1:
+        raise DataError(
+            f"The labeled split needs rho >= 1 (class 0 largest), but got {rho=}; "
+            f"a reversed profile (rho < 1) is only for the unlabeled pool (rho_unlabeled)."
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= K):
+        raise DataError(f"labels must lie in [0, {K}), but got values in [{labels.min()}, {labels.max()}].")
+    present = np.bincount(labels, minlength=K)
+    empty = np.flatnonzero(present == 0)
+    if empty.size:
+        raise DataError(f"Class {', '.join(map(str, empty[:10]))} has no sample; every class needs samples.")
+    return K, n_val, n_test, rho
+
+
+def _pool_parts(remainders, rest, counts, rho_unlabeled, n_max_unlabeled, K) -> tuple[list[np.ndarray], int]:
+    """The unlabeled pool's indices per class (taken after the labeled ones) and its largest class size."""
+    n_max_u = _pool_n_max(rest, rho_unlabeled, K) if n_max_unlabeled is None else _check_count(
+        n_max_unlabeled, "n_max_unlabeled", minimum=1
+    )
+    pool_counts = long_tail_counts(n_max_u, rho_unlabeled, K)
+    over = np.flatnonzero(pool_counts > rest)
+    if over.size:
+        k = int(over[0])
+        raise DataError(
+            f"The unlabeled pool (n_max_unlabeled={n_max_u}, rho_unlabeled={rho_unlabeled}) asks "
+            f"{pool_counts[k]} samples of class {k}, but only {rest[k]} are left after the labeled "
+            f"split; lower n_max_unlabeled, or lower n_max to leave more."
+        )
+    return [r[c:c + u] for r, c, u in zip(remainders, counts, pool_counts)], n_max_u
 
 
 def _pool_n_max(rest: np.ndarray, rho_unlabeled: float, n_classes: int) -> int:

@@ -349,7 +349,6 @@ def _build(dataset: str, *, rho, backbone: str, seed: int, options: dict) -> Fea
 
 
 def _build_with(dataset: str, *, rho, backbone: str, seed: int, options: dict, device) -> FeatureSet:
-    from .backbones import prepare_backbone
     from .data import load_dataset
 
     timings: dict[str, float] = {}
@@ -373,19 +372,11 @@ def _build_with(dataset: str, *, rho, backbone: str, seed: int, options: dict, d
     if precomputed and options["keep_maps"]:
         what = "cut='block'" if options["cut"] == "block" else "keep_maps=True"
         raise DataError(f"{what} needs images; this npz file holds (n, d) features.")
-    prepared = None
+    prepared, transform = None, None
     if not precomputed:
         transform = _make_transform(options)
-        first = plan.splits["train"]
-        sample = raw.pools[first.pool].load(first.indices[:1])
         started = time.perf_counter()
-        prepared = prepare_backbone(
-            backbone, n_classes=K, in_channels=sample.shape[1], keep_maps=bool(options["keep_maps"]),
-            device=device, seed=seed, cut=options["cut"], weights=options["weights"],
-            cnn=CNNSettings(**{k: options[k] for k in _CNN_OPTIONS}),
-            train_images=lambda: (load(plan.splits["train"]), plan.splits["train"].labels),
-            transform=transform, progress=options["progress"],
-        )
+        prepared = _prepare(backbone, raw, plan, options, transform=transform, device=device, seed=seed)
         timings["backbone_s"] = time.perf_counter() - started
         backbone_info = prepared.info
 
@@ -415,22 +406,7 @@ def _build_with(dataset: str, *, rho, backbone: str, seed: int, options: dict, d
     timings["images_per_s"] = n_images / timings["extract_s"] if n_images and timings["extract_s"] > 0 else None
 
     started = time.perf_counter()
-    problems = []
-    for name, split in outputs.items():
-        for what, array in (("features", None if split is None else split.x), ("maps", None if split is None else split.maps)):
-            if array is None:
-                continue
-            overflow = "float16 storage ends at +-65504: use dtype='float32'"
-            if precomputed:  # the npz was checked finite when read: only the storage dtype can add inf
-                cause = f"the values overflow ({overflow})"
-            else:
-                cause = f"the backbone {backbone!r} produced them" + (
-                    f", or they overflow ({overflow})" if array.dtype == np.float16 else "")
-            bad = describe_nonfinite(array, f"the {name} split's {what}", fix=cause)
-            if bad:
-                problems.append(bad)
-    if problems:
-        raise DataError(" ".join(problems) + " Nothing was cached.")
+    _check_finite(outputs, backbone=backbone, precomputed=precomputed)
     timings["check_s"] = time.perf_counter() - started
 
     weight, bias, head_source = _starting_head(options, raw, prepared, outputs, K=K, seed=seed, device=device,
@@ -439,7 +415,33 @@ def _build_with(dataset: str, *, rho, backbone: str, seed: int, options: dict, d
     unlabeled_true_y = None
     if plan.splits.get("unlabeled") is not None and np.all(plan.splits["unlabeled"].labels >= 0):
         unlabeled_true_y = plan.splits["unlabeled"].labels.astype(np.int64)  # else unknown (npz without y)
-    metadata = {
+    metadata = _build_metadata(options, plan, outputs, head_source=head_source, backbone_info=backbone_info,
+                               n_images=n_images, timings=timings, K=K)
+    return FeatureSet(
+        train=outputs["train"], val=outputs["val"], test=outputs["test"], unlabeled=outputs["unlabeled"],
+        unlabeled_true_y=unlabeled_true_y, n_classes=K, class_names=raw.class_names,
+        weight=np.ascontiguousarray(weight, np.float32), bias=np.ascontiguousarray(bias, np.float32),
+        metadata=metadata, block=prepared.block if prepared is not None else None,
+    )
+
+
+def _prepare(backbone, raw, plan, options, *, transform, device, seed):
+    """The prepared backbone (trained here for the CNN, on the labeled split's images)."""
+    from .backbones import prepare_backbone
+
+    train = plan.splits["train"]
+    sample = raw.pools[train.pool].load(train.indices[:1])
+    return prepare_backbone(
+        backbone, n_classes=raw.n_classes, in_channels=sample.shape[1], keep_maps=bool(options["keep_maps"]),
+        device=device, seed=seed, cut=options["cut"], weights=options["weights"],
+        cnn=CNNSettings(**{k: options[k] for k in _CNN_OPTIONS}),
+        train_images=lambda: (raw.pools[train.pool].load(train.indices), train.labels),
+        transform=transform, progress=options["progress"],
+    )
+
+
+def _build_metadata(options, plan, outputs, *, head_source, backbone_info, n_images, timings, K) -> dict:
+    return {
         "head_source": head_source,
         **({"head_file": _absolute(options["head"])} if head_source == "user" else {}),
         "backbone_info": backbone_info,
@@ -450,12 +452,27 @@ def _build_with(dataset: str, *, rho, backbone: str, seed: int, options: dict, d
         "images_extracted": n_images,
         "timings": timings,
     }
-    return FeatureSet(
-        train=outputs["train"], val=outputs["val"], test=outputs["test"], unlabeled=outputs["unlabeled"],
-        unlabeled_true_y=unlabeled_true_y, n_classes=K, class_names=raw.class_names,
-        weight=np.ascontiguousarray(weight, np.float32), bias=np.ascontiguousarray(bias, np.float32),
-        metadata=metadata, block=prepared.block if prepared is not None else None,
-    )
+
+
+def _check_finite(outputs: dict[str, Split | None], *, backbone, precomputed: bool) -> None:
+    """Refuse (DataError, nothing cached) built features or maps holding NaN or inf, naming the split, the
+    first bad row and the likely cause (the backbone, or float16 overflow)."""
+    problems = []
+    overflow = "float16 storage ends at +-65504: use dtype='float32'"
+    for name, split in outputs.items():
+        for what, array in (("features", None if split is None else split.x), ("maps", None if split is None else split.maps)):
+            if array is None:
+                continue
+            if precomputed:  # the npz was checked finite when read: only the storage dtype can add inf
+                cause = f"the values overflow ({overflow})"
+            else:
+                cause = f"the backbone {backbone!r} produced them" + (
+                    f", or they overflow ({overflow})" if array.dtype == np.float16 else "")
+            bad = describe_nonfinite(array, f"the {name} split's {what}", fix=cause)
+            if bad:
+                problems.append(bad)
+    if problems:
+        raise DataError(" ".join(problems) + " Nothing was cached.")
 
 
 def _starting_head(options, raw, prepared, outputs, *, K: int, seed: int, device, timings: dict):
