@@ -23,7 +23,7 @@ _EXPORTS = {  # public name -> submodule that defines it
     "search": "sweep",
     "resume": "sweep",
     "load_run": "results",
-    "compare": "results",
+    "compare": "comparison",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

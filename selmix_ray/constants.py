@@ -25,5 +25,6 @@ METRIC_NAMES = (
 )
 SCORE_KEY = "val/best_objective"  # the selection rule: one score for Optuna, ASHA and Run.best
 STEP_KEY = "step"
+MAX_FAILURES = 3  # Tune retries of a failing trial, each from its last checkpoint
 
 HEAD_FRACTION = 0.9  # the first floor(0.9 K) classes by training count are the head

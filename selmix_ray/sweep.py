@@ -43,22 +43,20 @@ Importing this module imports Ray Tune and Optuna but starts nothing (no ``ray.i
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from ray.tune import Callback
-
 from .baselines import compute_baselines
 from .checks import int_problem, is_number
-from .constants import BASELINES_FILE, JOURNAL_FILE, MANIFEST_FILE, SCORE_KEY, STEP_KEY
+from .cluster import init_ray, shutdown_ray
+from .constants import BASELINES_FILE, JOURNAL_FILE, MANIFEST_FILE, MAX_FAILURES, STEP_KEY
 from .errors import ConfigError, ExperimentError
+from .manifest import build_manifest, read_manifest, space_differences
+from .progress import ProgressCallback, log
 from .storage import Location, journal_storage, json_bytes, local_journal
 from .tune_adapter import (
     PicklableNSGAIISampler,
@@ -74,11 +72,8 @@ __all__ = ["search", "resume", "SCHEDULERS", "SAMPLERS", "StudySearch", "Snapsho
 
 SCHEDULERS = ("asha", "fifo")  # asha: early stopping on "step"; fifo: every trial runs to the end
 SAMPLERS = ("tpe", "nsga2", "random")  # tpe (default; NSGA-II when multi-objective), nsga2, random
-MANIFEST_FORMAT = 1
-MAX_FAILURES = 3  # retries of a failing trial, each from its last checkpoint
 CHECKPOINTS_KEPT = 4  # per trial; the newest is what a retry resumes from (Tune forces an experiment
 #                       snapshot each time a trial has written this many checkpoints since the last one)
-CHECKPOINTS_PER_TRIAL = 10  # default checkpoint_every: about this many regular checkpoints per trial
 ASHA_REDUCTION_FACTOR = 3
 ASHA_GRACE_FRACTION = 1 / 9  # grace period ~ steps / 9, rounded up to a multiple of eval_every
 _Location = Location  # the name that experiments started before storage.py pickled (resume unpickles it)
@@ -137,15 +132,15 @@ def search(
         )
     location.check_writable()
 
-    manifest = _manifest(search_space, features, location=location, **options)
+    manifest = build_manifest(search_space, features, location=location, **options)
     location.write_bytes(MANIFEST_FILE, json_bytes(manifest))
-    _log(f"experiment {location.path}")
+    log(f"experiment {location.path}")
 
     baselines = compute_baselines(features, search_space, repeats=manifest["repeats"], seed=manifest["seed"],
-                                  log=_log)
+                                  log=log)
     location.write_bytes(BASELINES_FILE, json_bytes(baselines))
 
-    started_ray = _init_ray(address)
+    started_ray = init_ray(address)
     try:
         from ray import tune
 
@@ -155,7 +150,7 @@ def search(
                            run_config=run_config)
         _fit(tuner, location, journal)
     finally:
-        _shutdown_ray(started_ray)
+        shutdown_ray(started_ray)
     return _load_run(location)
 
 
@@ -168,11 +163,11 @@ def resume(path: str | os.PathLike, *, features=None, address: str | None = None
     one is refused, naming the differences.
     """
     location = Location.of_experiment(path)
-    manifest = _read_manifest(location)
+    manifest = read_manifest(location)
     stored_space = _load_space_checked(manifest["space"], None)
     if space is not None:
         given = _load_space_checked(space, None)
-        differences = _space_differences(manifest["space"], given.to_dict())
+        differences = space_differences(manifest["space"], given.to_dict())
         if differences:
             raise ExperimentError(
                 f"Cannot resume {location.path} with a different space: " + "; ".join(differences)
@@ -193,20 +188,20 @@ def resume(path: str | os.PathLike, *, features=None, address: str | None = None
             f"Cannot resume {location.path}: Ray Tune saved no experiment state there yet (the sweep was "
             "stopped before its first snapshot). Start it again with search() under a new name."
         )
-    started_ray = _init_ray(address)
+    started_ray = init_ray(address)
     try:
         journal = local_journal(location, restore=True)
         _remove_orphan_trial_folders(location)
         trainable = _trainable(features, stored_space, manifest, location)
         tuner = tune.Tuner.restore(location.path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
-        _log(f"resuming {location.path}")
+        log(f"resuming {location.path}")
         _fit(tuner, location, journal)
         # Again at the end: on a cluster that outlived the killed driver (address=..., or the test suite's),
         # Tune's final sync copies that driver's staged params.json/result.json of its orphans back.
         _remove_orphan_trial_folders(location, when="synced back at the end of the resumed run")
     finally:
-        _shutdown_ray(started_ray)
+        shutdown_ray(started_ray)
     return _load_run(location)
 
 
@@ -267,105 +262,6 @@ def _check_features(features) -> None:
                           f"{type(features).__name__}.", where="search options")
 
 
-def _sweep_steps(search_space) -> tuple[int, int]:
-    """(steps, eval_every) every trial of the sweep shares."""
-    from .config import FinetuneConfig
-
-    config = FinetuneConfig.from_dict({"objective": search_space.objective, **search_space.fixed})
-    return config.steps, config.eval_every
-
-
-def _metric_keys(search_space) -> list[str]:
-    """The reported key each objective is ranked by: the trained objective's score, then val/<name>."""
-    from .constants import METRIC_NAMES
-
-    keys = [SCORE_KEY]
-    for name in search_space.objectives[1:]:
-        if name not in METRIC_NAMES:
-            raise ConfigError(
-                f"a secondary objective must be one of the reported metrics ({', '.join(METRIC_NAMES)}), "
-                f"but got {name!r}; make it the first objective or pick a reported metric.",
-                where="search space")
-        keys.append(f"val/{name}")
-    return keys
-
-
-# -- manifest ------------------------------------------------------------------------------------------
-
-
-def _manifest(search_space, features, *, name, num_samples, max_concurrent, resources_per_trial, scheduler,
-              sampler, repeats, seed, location, checkpoint_every=None) -> dict[str, Any]:
-    steps, eval_every = _sweep_steps(search_space)
-    multi = search_space.is_multi_objective
-    if checkpoint_every is None:
-        checkpoint_every = max(1, math.ceil(steps // max(eval_every, 1) / CHECKPOINTS_PER_TRIAL))
-    return {
-        "format": MANIFEST_FORMAT,
-        "name": name,
-        "space": search_space.to_dict(),
-        "objectives": list(search_space.objectives),
-        "metrics": _metric_keys(search_space),
-        "mode": "max",
-        "feature_key": features.key,
-        "feature_build_args": features.metadata.get("build_args"),
-        "feature_nbytes": features.nbytes,
-        "n_classes": features.n_classes,
-        "train_counts": [int(count) for count in features.train_counts.tolist()],
-        "repeats": repeats,
-        "seed": seed,
-        "num_samples": num_samples,
-        "max_concurrent": max_concurrent,
-        "resources_per_trial": dict(resources_per_trial or {"cpu": 1}),
-        "scheduler": "none" if multi else scheduler,
-        "sampler": "nsga2" if multi and sampler == "tpe" else sampler,
-        "steps": steps,
-        "eval_every": eval_every,
-        "checkpoint_every": checkpoint_every,
-        "storage": location.storage,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": _versions(),
-    }
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for package in ("selmix-ray", "ray", "optuna", "torch", "numpy"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            out[package] = "not installed"
-    return out
-
-
-def _read_manifest(location) -> dict[str, Any]:
-    if not location.exists(MANIFEST_FILE):
-        raise ExperimentError(
-            f"{location.path} is not a selmix-ray experiment: it has no {MANIFEST_FILE}. Pass the folder "
-            "<storage>/<name> that search() created."
-        )
-    manifest = json.loads(location.read_bytes(MANIFEST_FILE))
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ExperimentError(f"{location.path}/{MANIFEST_FILE} has format {manifest.get('format')!r}; this "
-                              f"selmix-ray reads format {MANIFEST_FORMAT}.")
-    return manifest
-
-
-def _space_differences(stored: dict, given: dict) -> list[str]:
-    """Human-readable differences between two canonical space dicts (SearchSpace.to_dict)."""
-    out = []
-    for key in ("objective", "objectives"):
-        if stored.get(key) != given.get(key):
-            out.append(f"it was started with {key} {stored.get(key)!r}, and this space asks for {given.get(key)!r}")
-    for section in ("space", "fixed"):
-        a, b = stored.get(section, {}), given.get(section, {})
-        for field in sorted(set(a) | set(b)):
-            if a.get(field) != b.get(field):
-                out.append(f"{section}.{field} was {a.get(field, 'absent')!r} and is now {b.get(field, 'absent')!r}")
-    return out
-
-
 def _rebuild_features(manifest, location):
     build_args = manifest.get("feature_build_args")
     if not build_args:
@@ -374,36 +270,12 @@ def _rebuild_features(manifest, location):
             "not made by build_features). Pass features= to resume.")
     from .features import rebuild_features
 
-    _log("rebuilding features from the manifest's build arguments")
+    log("rebuilding features from the manifest's build arguments")
     return rebuild_features(build_args)
 
 
+
 # -- Ray Tune ------------------------------------------------------------------------------------------
-
-
-def _init_ray(address: str | None) -> bool:
-    """Reuse an initialised Ray; else connect to ``address`` or start a quiet local one.
-
-    Returns True when this call initialised Ray (then :func:`_shutdown_ray` ends it), False when the
-    caller had already done so (then it stays as it is).
-    """
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING, configure_logging=True)
-    return True
-
-
-def _shutdown_ray(started: bool) -> None:
-    """Disconnect from (and, for a local one, stop) a Ray that search()/resume() initialised themselves."""
-    if started:
-        import ray
-
-        ray.shutdown()
 
 
 def _trainable(features, search_space, manifest, location):
@@ -520,7 +392,7 @@ def _remove_orphan_trial_folders(location, *, when: str = "started after the las
     for name in orphans:
         location.remove_dir(name)
     if orphans:
-        _log(f"removed {len(orphans)} trial folder(s) unknown to Tune ({when}): {', '.join(orphans)}")
+        log(f"removed {len(orphans)} trial folder(s) unknown to Tune ({when}): {', '.join(orphans)}")
     return orphans
 
 
@@ -533,47 +405,10 @@ def _fit(tuner, location, journal: Path) -> None:
     finally:
         if location.is_uri and journal.exists():
             location.write_bytes(JOURNAL_FILE, journal.read_bytes())
-    _log(f"done in {time.perf_counter() - started:.1f} s: {location.path}")
+    log(f"done in {time.perf_counter() - started:.1f} s: {location.path}")
 
 
 def _load_run(location):
     from .results import load_run
 
     return load_run(location.local_path or location.path)
-
-
-# -- progress ----------------------------------------------------------------------------
-
-
-class ProgressCallback(Callback):
-    """One line on the driver per finished, failed or retried trial (instead of Tune's tables)."""
-
-    def __init__(self, *, num_samples: int, steps: int, metric: str):
-        self.num_samples = num_samples
-        self.steps = steps
-        self.metric = metric
-        self.finished = 0
-        self.best = -math.inf
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self.finished += 1
-        result = trial.last_result or {}
-        score = result.get(self.metric, math.nan)
-        if math.isfinite(score):
-            self.best = max(self.best, score)
-        step = int(result.get(STEP_KEY, 0))
-        how = "complete" if step >= self.steps else f"pruned at step {step}"
-        _log(f"trial {self.finished}/{self.num_samples} {trial.trial_id} {how}: {self.metric}={score:.4f} "
-             f"(best {self.best:.4f})")
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.finished += 1
-        _log(f"trial {trial.trial_id} failed for good after {MAX_FAILURES} retries; see {trial.path}")
-
-    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        _log(f"trial {trial.trial_id} raised; retrying it from its last checkpoint")
-
-
-def _log(message: str) -> None:
-    """Driver progress: one concise line (not Tune's tables)."""
-    print(f"[selmix-ray] {message}", file=sys.stdout, flush=True)

@@ -1,4 +1,4 @@
-"""run_search.py: validate (no Ray), overrides, --help, and one real search -> compare round trip."""
+"""The CLI (selmix_ray/cli.py, run as run_search.py): validate (no Ray), overrides, --help, and one real search -> compare round trip."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import run_search  # noqa: E402
+from selmix_ray import cli as run_search  # noqa: E402
 from selmix_ray.errors import ConfigError  # noqa: E402
 
 SHIPPED = sorted((REPO / "search_spaces").glob("*.yaml"))
@@ -87,7 +87,7 @@ def test_validate_starts_no_ray_and_main_sets_quiet_env():
     code = (
         "import json, os, sys\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
-        "import run_search\n"
+        "from selmix_ray import cli as run_search\n"
         "before = {k: os.environ.get(k) for k in run_search.QUIET_RAY_ENV}\n"
         f"rc = run_search.main(['validate', {str(SHIPPED[0])!r}])\n"
         "after = {k: os.environ.get(k) for k in run_search.QUIET_RAY_ENV}\n"
@@ -181,3 +181,14 @@ def test_ctrl_c_leaves_a_resumable_experiment_that_resume_completes(ray_cluster,
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     df = load_run(experiment).df
     assert len(df) == num_samples and set(df["status"]) == {"complete"}
+
+
+def test_run_search_without_dependencies_says_how_to_set_up(tmp_path):
+    """A Python that lacks the dependencies gets one line naming the fix, not a traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # -S: no site-packages, so the package imports (from the checkout) but yaml, numpy and Ray are missing
+    done = subprocess.run([sys.executable, "-S", str(REPO / "run_search.py"), "validate", str(SHIPPED[0])],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "make demo" in done.stderr and ".venv/bin/python run_search.py" in done.stderr

@@ -48,7 +48,7 @@ def test_lazy_exports_resolve_to_the_public_api():
         "print(json.dumps([callable(finetune), finetune.__module__, FinetuneConfig.__name__,\n"
         "                  load_run.__module__, compare.__module__, build_features.__module__]))\n"
     )
-    assert out == [True, "selmix_ray.engine", "FinetuneConfig", "selmix_ray.results", "selmix_ray.results",
+    assert out == [True, "selmix_ray.engine", "FinetuneConfig", "selmix_ray.results", "selmix_ray.comparison",
                    "selmix_ray.features"]
 
 

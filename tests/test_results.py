@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from conftest import SWEEP_DRIVER, SWEEP_SPACE, trial_results
 
+from selmix_ray.comparison import compare
 from selmix_ray.constants import MANIFEST_FILE, METRIC_NAMES, SCORE_KEY
 from selmix_ray.errors import ExperimentError
-from selmix_ray.results import STATUSES, compare, load_run
+from selmix_ray.results import STATUSES, load_run
 
 pytestmark = pytest.mark.slow
 
@@ -144,7 +145,7 @@ def test_loads_with_ray_stopped(sweep):
     """A fresh interpreter that never imports Ray reads the experiment."""
     code = (
         "import json, sys\n"
-        "from selmix_ray.results import load_run, compare\n"
+        "from selmix_ray.results import load_run\nfrom selmix_ray.comparison import compare\n"
         f"run = load_run({str(sweep)!r})\n"
         "text = compare([run.path], objective='hmean').to_string()\n"
         "print(json.dumps([len(run.df), 'ray' in sys.modules, 'optuna' in sys.modules]))\n"

@@ -315,19 +315,19 @@ def test_a_ray_that_search_started_is_shut_down_and_the_callers_is_not(monkeypat
 
     import ray
 
-    sweep = importlib.import_module("selmix_ray.sweep")
+    cluster = importlib.import_module("selmix_ray.cluster")
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(("init", kwargs["address"])))
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append(("shutdown",)))
-    started = sweep._init_ray("auto")
-    sweep._shutdown_ray(started)
+    started = cluster.init_ray("auto")
+    cluster.shutdown_ray(started)
     assert calls == [("init", "auto"), ("shutdown",)]
 
     calls.clear()
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    sweep._shutdown_ray(sweep._init_ray(None))
+    cluster.shutdown_ray(cluster.init_ray(None))
     assert calls == []
 
 

@@ -1,0 +1,376 @@
+"""selmix-ray command line (`selmix-ray` or `python run_search.py`): a thin layer over the Python API.
+
+    python run_search.py                        # the default demo: MNIST-LT (rho=100), 24 trials, 1-4 min
+    python run_search.py search search_spaces/min_recall.yaml --dataset mnist --rho 100 --num-samples 24
+    python run_search.py search search_spaces/gmean.yaml steps=1000 lr='{loguniform: [0.3, 3]}'
+    python run_search.py resume results/min_recall-20250101-120000
+    python run_search.py compare results/a results/b --objective gmean --top 5 --plots plots/
+    python run_search.py validate search_spaces/hmean.yaml
+
+Ray, torch and Optuna are imported only by the subcommands that need them; `validate` starts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent  # the repository (search_spaces/ lives there)
+DEFAULT_SPACE = REPO / "search_spaces" / "min_recall.yaml"
+DEFAULT_STORAGE = "./results"
+DEMO_NUM_SAMPLES = 24
+QUIET_RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",  # no usage reporting (and no network)
+    "RAY_AUTH_MODE": "disabled",  # local clusters without token set-up
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # search() adds the JSON/CSV loggers it needs
+    "RAY_DEDUP_LOGS": "0",
+}
+
+DESCRIPTION = """\
+Hyperparameter search for SelMix fine-tuning on Ray Tune + Optuna.
+
+With no subcommand, runs the default demo: builds (or reads from the cache) MNIST-LT features
+(rho = 100, the in-process CNN backbone), searches search_spaces/min_recall.yaml with 24 trials,
+prints the best trial next to the baselines on test and writes plots. Ctrl-C leaves a resumable
+experiment and prints the command that resumes it.
+"""
+
+OVERRIDES_HELP = """\
+key=value overrides of the space file (the value is read as YAML): a plain value fixes a
+FinetuneConfig field (steps=1000, s=5, objective_params='{omega: 20}'; it replaces the field's
+domain if the space searched it), a mapping replaces or adds a searched domain
+(lr='{loguniform: [0.3, 3]}'), and objective=NAME / objectives='[a, b]' set the objective(s)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_search.py", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = commands.add_parser("search", help="run a sweep over a search space file",
+                            description="Run a sweep: Optuna proposes configurations of SPACE, Ray Tune runs "
+                                        "them on shared frozen-backbone features.")
+    p.add_argument("space", metavar="SPACE", help="search-space YAML file (see search_spaces/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    _add_feature_options(p)
+    _add_sweep_options(p, num_samples=DEMO_NUM_SAMPLES)
+    p.add_argument("--name", help="experiment name, a new folder under --storage "
+                                  "(default: <space file stem>-<date>-<time>)")
+
+    p = commands.add_parser("resume", help="continue an interrupted or finished sweep",
+                            description="Continue the experiment at PATH: finished trials stay, unfinished "
+                                        "ones continue from their last checkpoint, the study and ASHA rungs "
+                                        "are restored. Features are rebuilt from the manifest (cache hit).")
+    p.add_argument("path", metavar="PATH", help="experiment folder <storage>/<name>")
+    p.add_argument("--address", help="Ray cluster address ('auto', 'host:port', 'ray://...'); "
+                                     "default: start a local Ray")
+    p.add_argument("--plots", metavar="DIR", help="where to write plots (default: PATH/plots)")
+
+    p = commands.add_parser("compare", help="tables and plots of one or more experiments (no Ray)",
+                            description="Print each experiment's best trials and baselines, scored by one "
+                                        "objective, and optionally write plots. Works while a sweep runs.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="experiment folders <storage>/<name>")
+    p.add_argument("--objective", help="re-rank every trial by this objective from its stored confusion "
+                                       "counts (default: each experiment's own objective)")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="trials shown per experiment (default 10)")
+    p.add_argument("--plots", metavar="DIR", help="write the plots of each experiment to DIR/<name>/")
+    p.add_argument("--per-class", action="store_true", help="also print per-class test recall of the best "
+                                                             "trials next to the starting head")
+    p.add_argument("--importance", action="store_true", help="also print parameter importance from the "
+                                                              "Optuna study (slow on large studies)")
+
+    p = commands.add_parser("validate", help="check a search-space file without starting anything",
+                            description="Check a search-space file (and overrides) and print every problem "
+                                        "at once. Exit status 0 when valid, 1 otherwise. Starts no Ray.")
+    p.add_argument("space", metavar="FILE", help="search-space YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    return parser
+
+
+def _add_feature_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="mnist",
+                   help="digits, mnist, cifar10, cifar100, imagefolder or npz (default mnist)")
+    p.add_argument("--rho", type=float, default=100.0, help="imbalance ratio of the labeled split, >= 1 "
+                                                            "(default 100)")
+    p.add_argument("--backbone", default="cnn", help="'cnn' (trained here once), 'identity', a torchvision "
+                                                     "model name or 'package.module:function' (default cnn)")
+    p.add_argument("--root", help="dataset folder for cifar10/cifar100/imagefolder/npz")
+    p.add_argument("--weights", help="local checkpoint file of a torchvision backbone")
+    p.add_argument("--cache-dir", help="feature cache (default $XDG_CACHE_HOME/selmix-ray or "
+                                       "~/.cache/selmix-ray)")
+    p.add_argument("--keep-maps", action="store_true", help="cache spatial maps too (needed by cutmix and "
+                                                            "puzzlemix)")
+    p.add_argument("--cut", default="penultimate", choices=["penultimate", "block"],
+                   help="penultimate: trials train the head on cached features; block: cache the map entering "
+                        "the backbone's last block and train that block with the head (top-block mode, ~100x "
+                        "the head-only cost per step; implies --keep-maps) (default penultimate)")
+
+
+def _add_sweep_options(p: argparse.ArgumentParser, *, num_samples: int) -> None:
+    p.add_argument("--num-samples", type=int, default=num_samples,
+                   help=f"number of trials (configurations) (default {num_samples})")
+    p.add_argument("--storage", default=DEFAULT_STORAGE,
+                   help="experiments folder: local/NFS path or s3:// gs:// file:// URI (default ./results)")
+    p.add_argument("--max-concurrent", type=int, help="at most this many trials at once (default: as many "
+                                                      "as the CPUs/GPUs allow)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs per trial, may be fractional "
+                                                                     "(default 1)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, may be fractional, "
+                                                                     "e.g. 0.25 (default 0)")
+    p.add_argument("--scheduler", default="asha", choices=["asha", "fifo"],
+                   help="asha: stop poor trials early on 'step'; fifo: run every trial to the end "
+                        "(default asha; multi-objective spaces use none)")
+    p.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"],
+                   help="Optuna sampler (default tpe; NSGA-II for multi-objective spaces)")
+    p.add_argument("--repeats", type=int, default=1, help="seeds trained per configuration, reported as "
+                                                          "their mean; cuts validation noise (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler, trials and features (default 0)")
+    p.add_argument("--address", help="Ray cluster address ('auto', 'host:port', 'ray://...'); "
+                                     "default: start a local Ray")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="checkpoint every N-th report as well as at ASHA's rungs and the end; a retried trial "
+                        "replays at most N-1 reports (default: about 10 checkpoints per trial)")
+    p.add_argument("--plots", metavar="DIR", help="where to write plots (default: <experiment>/plots)")
+
+
+# -- space + overrides -----------------------------------------------------------------------------------
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply key=value overrides (values read as YAML) to a raw space mapping; see OVERRIDES_HELP."""
+    import yaml
+
+    from .errors import ConfigError
+    from .space import parse_yaml
+
+    raw = dict(raw or {})
+    space = dict(raw.get("space") or {})
+    fixed = dict(raw.get("fixed") or {})
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"override {item!r} must look like key=value, e.g. steps=1000.")
+            continue
+        try:
+            value = parse_yaml(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            problems.append(f"override {item!r}: the value is not valid YAML ({err}).")
+            continue
+        if key in ("objective", "objectives"):
+            raw.pop("objective", None)
+            raw.pop("objectives", None)
+            raw[key] = value
+        elif isinstance(value, dict) and key != "objective_params":
+            fixed.pop(key, None)
+            space[key] = value
+        else:
+            space.pop(key, None)
+            fixed[key] = value
+    if problems:
+        raise ConfigError(problems, where="overrides")
+    raw["space"], raw["fixed"] = space, fixed
+    return raw
+
+
+def load_space_with_overrides(path: str, overrides: list[str], *, features=None):
+    from .space import load_space, read_yaml
+
+    if not overrides:
+        return load_space(path, features=features)
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        return load_space(path, features=features)  # reports the problem
+    return load_space(apply_overrides(raw, overrides), features=features)
+
+
+# -- subcommands ----------------------------------------------------------------------------------------
+
+
+def cmd_validate(args) -> int:
+    from .errors import ConfigError
+
+    try:
+        space = load_space_with_overrides(args.space, args.overrides)
+    except ConfigError as err:
+        print(f"{args.space}: INVALID, {len(err.problems)} problem(s):")
+        for problem in err.problems:
+            print(f"  - {problem}")
+        return 1
+    kind = "multi-objective (NSGA-II, no early stopping)" if space.is_multi_objective else "single objective"
+    print(f"{args.space}: OK, {kind}, {len(space.params)} searched parameter(s)")
+    print(space)
+    return 0
+
+
+def _build_features(args):
+    from .features import build_features
+
+    opts = {}
+    for name in ("root", "weights"):
+        if getattr(args, name, None):
+            opts[name] = getattr(args, name)
+    if getattr(args, "keep_maps", False):
+        opts["keep_maps"] = True
+    if getattr(args, "cut", "penultimate") != "penultimate":
+        opts["cut"] = args.cut
+    started = time.perf_counter()
+    print(f"[run_search] features: {args.dataset}, rho={args.rho:g}, backbone={args.backbone} ...", flush=True)
+    features = build_features(args.dataset, rho=args.rho, backbone=args.backbone, cache_dir=args.cache_dir,
+                              seed=args.seed, **opts)
+    hit = "cache hit" if features.metadata.get("cache_hit") else "built and cached"
+    print(f"[run_search] features ready in {time.perf_counter() - started:.1f} s ({hit}): "
+          f"{features.n_classes} classes, dim {features.dim}, {len(features.train)} labeled train samples",
+          flush=True)
+    return features
+
+
+def cmd_search(args, *, space_path: str | None = None, overrides: list[str] | None = None) -> int:
+    from .sweep import search
+
+    space_path = space_path or args.space
+    features = _build_features(args)
+    space = load_space_with_overrides(space_path, overrides if overrides is not None else args.overrides,
+                                      features=features)
+    name = args.name or f"{Path(space_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    experiment = _experiment_path(args.storage, name)
+    resources = {"cpu": args.cpus_per_trial}
+    if args.gpus_per_trial:
+        resources["gpu"] = args.gpus_per_trial
+    started = time.perf_counter()
+    try:
+        run = search(space, features=features, storage=args.storage, name=name, num_samples=args.num_samples,
+                     max_concurrent=args.max_concurrent, resources_per_trial=resources,
+                     scheduler=args.scheduler, sampler=args.sampler, repeats=args.repeats, seed=args.seed,
+                     address=args.address, checkpoint_every=args.checkpoint_every)
+    except KeyboardInterrupt:
+        _print_interrupted(experiment)
+        return 130
+    return _summarise(run, plots=args.plots, num_samples=args.num_samples, seconds=time.perf_counter() - started)
+
+
+def cmd_resume(args) -> int:
+    from .sweep import resume
+
+    try:
+        run = resume(args.path, address=args.address)
+    except KeyboardInterrupt:
+        _print_interrupted(args.path)
+        return 130
+    return _summarise(run, plots=args.plots, num_samples=None)
+
+
+def cmd_compare(args) -> int:
+    from .comparison import compare
+
+    comparison = compare(args.paths, objective=args.objective)
+    print(comparison.to_string(top=args.top))
+    for run in comparison.runs:
+        if args.per_class:
+            print(f"== {run.name}: per-class test recall (at each trial's best report)")
+            print(run.per_class(top=min(args.top, 3)).to_string(float_format="{:.3f}".format))
+        if args.importance:
+            print(f"== {run.name}: parameter importance")
+            for name, value in run.importance().items():
+                print(f"  {name:<24s} {value:.3f}")
+    if args.plots:
+        from .plots import write_plots
+
+        for run in comparison.runs:
+            folder = Path(args.plots) / run.name if len(comparison.runs) > 1 else Path(args.plots)
+            _print_plots(write_plots(run, folder))
+    return 0
+
+
+def _summarise(run, *, plots: str | None, num_samples: int | None, seconds: float | None = None) -> int:
+    """Print the best trial next to the baselines on test, write the plots, say where.
+
+    Exit status 130 when the sweep stopped early (Ctrl-C: Ray Tune catches the first SIGINT, saves the
+    experiment and returns), 0 when it ran every trial.
+    """
+    from .comparison import compare
+    from .plots import write_plots
+
+    unfinished = int((run.df["status"] == "running").sum())
+    stopped = bool(unfinished or (num_samples is not None and len(run.df) < num_samples))
+    if seconds is not None:
+        print(f"[run_search] sweep {'stopped' if stopped else 'finished'} after {seconds:.1f} s")
+    comparison = compare([run.path])
+    print(comparison.to_string(top=5))
+    best = run.best
+    if best is not None:
+        print(f"[run_search] best trial {best['trial_id']} ({best['status']}): "
+              f"val/best_objective={best['val/best_objective']:.4f} ({run.objective}); on test at its best "
+              f"report: min_recall={best['test_at_best/min_recall']:.4f}, "
+              f"mean_recall={best['test_at_best/mean_recall']:.4f}")
+    _print_plots(write_plots(run, Path(plots) if plots else run.path / "plots"))
+    if stopped:
+        _print_interrupted(run.path)
+        return 130
+    print(f"[run_search] compare again with: python run_search.py compare {run.path}")
+    return 0
+
+
+def _print_plots(paths) -> None:
+    if paths:
+        print(f"[run_search] plots written to {Path(paths[0]).parent}: "
+              + ", ".join(Path(p).name for p in paths))
+
+
+def _print_interrupted(path) -> None:
+    print(f"\n[run_search] the sweep was interrupted; the experiment is kept at {path}.\n"
+          f"[run_search] resume it with: python run_search.py resume {path}", flush=True)
+
+
+def _experiment_path(storage: str, name: str) -> str:
+    if "://" in storage:
+        return f"{storage.rstrip('/')}/{name}"
+    return str(Path(storage).expanduser().resolve() / name)
+
+
+def run_demo() -> int:
+    """The default job: MNIST-LT, rho = 100, CNN features (cached), min_recall sweep of 24 trials."""
+    args = build_parser().parse_args(["search", str(DEFAULT_SPACE)])
+    args.name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"[run_search] default demo: {DEFAULT_SPACE.relative_to(REPO)} on mnist (rho=100, CNN backbone), "
+          f"{args.num_samples} trials, storage {args.storage}", flush=True)
+    return cmd_search(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Quiet, safe Ray settings, set here (before anything imports ray), never at `import selmix_ray`.
+    for key, value in QUIET_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    if not argv:
+        return _guard(run_demo)
+    parser = build_parser()
+    # key=value overrides may come before or after the options: collect those argparse left over.
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    unknown = [e for e in extra if e not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = list(args.overrides) + overrides
+    handler = {"search": cmd_search, "resume": cmd_resume, "compare": cmd_compare, "validate": cmd_validate}
+    return _guard(lambda: handler[args.command](args))
+
+
+def _guard(action) -> int:
+    """Print selmix-ray's errors as one clear message (no traceback) and exit 1."""
+    from .errors import SelMixError
+
+    try:
+        return action()
+    except SelMixError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
