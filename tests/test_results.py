@@ -161,11 +161,37 @@ def test_parameter_importance(sweep):
     assert all(v >= 0 for v in importance.values())
 
 
+def _wait_until_files_settle(folder, quiet_s=3.0, timeout_s=90.0):
+    """Block until no file under `folder` has changed size or mtime for `quiet_s` seconds."""
+    def snapshot():
+        state = {}
+        for path in folder.rglob("*"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # replaced while walking
+                continue
+            state[path] = (stat.st_size, stat.st_mtime_ns)
+        return state
+
+    deadline = time.monotonic() + timeout_s
+    last, quiet_since = snapshot(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = snapshot()
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return
+    raise AssertionError(f"files under {folder} still changing {timeout_s:.0f} s after the driver was killed")
+
+
 def test_loads_a_running_then_interrupted_sweep(ray_cluster, cache_home, sweep, tmp_path):
     """Poll load_run while a child driver runs a sweep, SIGKILL it mid-run, then load what is left."""
-    # Same fixed values and seed as `sweep`: the child finds the baselines in the cache. Slow trials (a gain
-    # refresh every step, large batches) keep the sweep running long enough to be watched.
-    space = {**SWEEP_SPACE, "space": {"refresh_every": {"int": [1, 2]}, "batch_size": {"choice": [1024]}}}
+    # Slow, long trials (a gain refresh every step, large batches, 600 steps) keep the sweep running long
+    # enough to be watched, and no trial can finish in the moment between the last poll and the kill (the
+    # killed driver's trial workers may report a little longer): at 60 steps a fast machine did finish them.
+    space = {**SWEEP_SPACE, "space": {"refresh_every": {"int": [1, 2]}, "batch_size": {"choice": [1024]}},
+             "fixed": {**SWEEP_SPACE["fixed"], "steps": 600}}
     child = subprocess.Popen([sys.executable, SWEEP_DRIVER, ray_cluster, str(tmp_path), "live", "4", json.dumps(space),
                               "0", "fifo"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     experiment = tmp_path / "live"
@@ -179,12 +205,14 @@ def test_loads_a_running_then_interrupted_sweep(ray_cluster, cache_home, sweep, 
             run = load_run(experiment)  # must never fail while files are being written
             statuses = set(run.df["status"])
             assert statuses <= set(STATUSES)
-            if "running" in statuses and (run.df["steps_reached"].fillna(0) >= 10).any():
+            running = run.df[run.df["status"] == "running"]
+            if (running["steps_reached"].fillna(0) >= 10).any():  # one trial both running and reported
                 seen_running = True
                 break
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
+    _wait_until_files_settle(experiment)  # the dead driver's trial workers may still write for a moment
     assert seen_running, "the sweep never showed a running trial that had reported"
     run = load_run(experiment)
     assert len(run.df) >= 1 and "running" in set(run.df["status"])
