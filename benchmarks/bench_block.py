@@ -1,4 +1,4 @@
-"""Benchmarks of top-block mode (issue 7 item 5, SPEC.md section 13); prints markdown.
+"""Benchmarks of top-block mode (issue 7 item 5, docs/method.md, Top-block mode); prints markdown.
 
     python benchmarks/bench_block.py speed                        # head-only vs top block vs full CNN in the loop
     python benchmarks/bench_block.py top_lr --seeds 100-104       # choose the default top_lr (not seeds 0-9)

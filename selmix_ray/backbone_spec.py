@@ -1,4 +1,4 @@
-"""What names a frozen backbone and where it is cut: plain data, no torch (SPEC.md sections 8 and 13).
+"""What names a frozen backbone and where it is cut: plain data, no torch (docs/architecture.md, Modules; docs/method.md, Top-block mode).
 
 ``features`` (the cache key, the option checks) and ``backbones`` (building the model) both read these,
 so neither imports the other for them.
@@ -12,7 +12,7 @@ from .checks import int_problem, number_problem
 
 __all__ = ["CUTS", "CNNSettings", "backbone_kind", "IMAGENET_MEAN", "IMAGENET_STD"]
 
-CUTS = ("penultimate", "block")  # where the frozen part ends (SPEC.md section 13)
+CUTS = ("penultimate", "block")  # where the frozen part ends (docs/method.md, Top-block mode)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # per-channel mean of ImageNet-style normalisation (RGB)
 IMAGENET_STD = (0.229, 0.224, 0.225)  # per-channel standard deviation of ImageNet-style normalisation (RGB)
 

@@ -1,4 +1,4 @@
-"""Frozen backbones: what turns images into features (SPEC.md sections 8 and 10).
+"""Frozen backbones: what turns images into features (docs/architecture.md, Modules; docs/method.md, Data).
 
 Four kinds, chosen by a spec string:
 
@@ -14,7 +14,7 @@ Four kinds, chosen by a spec string:
   "head": nn.Linear | None}`` that names its own split (images -> trunk -> block -> features; needed for
   ``cut="block"``).
 
-Top-block mode (``cut="block"``, SPEC.md section 13): the cache holds the map entering the backbone's last
+Top-block mode (``cut="block"``, docs/method.md, Top-block mode): the cache holds the map entering the backbone's last
 block (the CNN's ``trunk`` output, a ResNet's ``layer4`` input, a factory's ``trunk`` output), and the
 FeatureSet carries that block's initial weights as a payload of numpy arrays (``block.block_payload``);
 the engine turns it back into a trainable ``block.TopBlock`` with ``block.build_block``. The names

@@ -1,4 +1,4 @@
-"""The trainable top block of ``cut="block"`` (SPEC.md section 13): written by the backbones, read by the engine.
+"""The trainable top block of ``cut="block"`` (docs/method.md, Top-block mode): written by the backbones, read by the engine.
 
 ``backbones`` cuts a backbone before its last block and stores that block's initial weights in the
 FeatureSet as a payload of plain numpy arrays (:func:`block_payload`); the engine turns the payload back

@@ -12,7 +12,7 @@ BASELINES_FILE = "baselines.json"
 STATE_FILE = "finetune_state.pt"  # FinetuneState (torch.save)
 HISTORY_FILE = "history.json"  # History (plain JSON, readable without torch)
 
-# Scalars every report carries (SPEC.md section 7).
+# Scalars every report carries (docs/method.md, One trial).
 METRIC_NAMES = (
     "mean_recall",
     "min_recall",

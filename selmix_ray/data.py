@@ -1,4 +1,4 @@
-"""Long-tailed splits of image datasets (SPEC.md section 10).
+"""Long-tailed splits of image datasets (docs/method.md, Data).
 
 A source dataset is read into a :class:`RawDataset`: labels in memory, images loaded lazily by index
 (so a cache hit never reads pixels). :func:`make_splits` then carves balanced validation and test splits

@@ -1,4 +1,4 @@
-"""The SelMix fine-tuning loop: one trial, no Ray (SPEC.md section 7).
+"""The SelMix fine-tuning loop: one trial, no Ray (docs/method.md, One trial).
 
 ``finetune(features, config)`` trains the linear head on cached (frozen-backbone) features:
 
@@ -16,7 +16,7 @@ Memory: the FeatureSet's arrays are wrapped with ``torch.from_numpy`` and never 
 host; each SGD batch is gathered and converted to float32 (float16 caches stay float16). On CUDA the
 arrays are moved to the device once, in their stored dtype. Evaluation runs in chunks.
 
-Top-block mode (SPEC.md section 13) is on when the FeatureSet carries a block payload (``features.block``,
+Top-block mode (docs/method.md, Top-block mode) is on when the FeatureSet carries a block payload (``features.block``,
 from ``build_features(..., cut="block")``): the cut point comes from the features, not from the config.
 Each split's ``maps`` (n, C, H, W) are then the input of the backbone's last block, and the trial trains a
 fresh copy of that block (``block.build_block``) together with the head. The two modes are two model
@@ -430,7 +430,7 @@ def finetune(
     checkpoint=None,
     state: FinetuneState | None = None,
 ) -> History:
-    """Run one trial (SPEC.md section 7) and return its History.
+    """Run one trial (docs/method.md, One trial) and return its History.
 
     Args:
         features: a FeatureSet (e.g. ``FeatureSet.from_object_store(...)``; arrays are only read).

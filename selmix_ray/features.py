@@ -189,7 +189,7 @@ def _head_key(options: dict) -> dict:
 
 
 def cache_key_fields(dataset: str, *, rho, backbone: str, seed: int, options: dict) -> dict:
-    """Everything that determines the cached arrays (SPEC.md section 8), as a JSON-able dict.
+    """Everything that determines the cached arrays (docs/architecture.md, Modules), as a JSON-able dict.
 
     Dataset name and root identity, split sizes (dataset defaults filled in), seed, rho, the unlabeled
     parameters, the backbone spec (name, checkpoint sha256, the CNN's training settings), the cut
@@ -251,7 +251,7 @@ def build_features(
             n_max_unlabeled, cut, keep_maps, dtype, maps_dtype, weights, device, batch_size, progress,
             epochs, ...).
 
-    ``cut="block"`` (top-block mode, SPEC.md section 13): each split's ``maps`` (n, C, H, W) is the map
+    ``cut="block"`` (docs/method.md, Top-block mode): each split's ``maps`` (n, C, H, W) is the map
     *entering* the backbone's last block (the CNN's ``block3``, a ResNet's ``layer4``, the ``block`` a
     factory returns in ``{"trunk", "block", "head"}``); ``x`` (n, d) is still the penultimate feature, the
     global pool of that block's output computed once with its initial weights, so head-only code works

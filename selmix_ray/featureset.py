@@ -68,7 +68,7 @@ class FeatureSet:
         weight: (K, d) float32 initial head weight; bias: (K,) float32.
         key: the cache key (hash of everything that determines the arrays).
         metadata: JSON-serialisable build arguments and facts (dataset, rho, backbone, ...).
-        block: optional top-block payload (SPEC.md section 13): ``{"state_dict": {name: ndarray}, ...}``.
+        block: optional top-block payload (docs/method.md, Top-block mode): ``{"state_dict": {name: ndarray}, ...}``.
     """
 
     train: Split

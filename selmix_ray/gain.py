@@ -1,6 +1,6 @@
 """The gain matrix G (K, K): how much one SGD step on a mixup of classes (i, j) raises the objective.
 
-SPEC.md section 4. One SGD step of cross-entropy on the mixed centroid z_ij = m z_i + (1 - m) z_j, with
+docs/method.md, The gain matrix. One SGD step of cross-entropy on the mixed centroid z_ij = m z_i + (1 - m) z_j, with
 m = (lambda_min + 1) / 2 and target t_ij (hard: e_i; soft: m e_i + (1 - m) e_j), moves the logits of
 centroid q by dA_q = (t_ij - p_ij) (<z_ij, z_q> [+ 1 with a trained bias]). Through the smooth confusion
 C~_kl = pi_k softmax_l(A_k), the objective's surrogate M changes at first order by

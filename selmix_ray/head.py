@@ -1,4 +1,4 @@
-"""The starting head: fitted once on the cached training features, or brought by the user (SPEC.md section 7).
+"""The starting head: fitted once on the cached training features, or brought by the user (docs/method.md, One trial).
 
 Every trial and every baseline starts from the FeatureSet's head, ``weight`` (K, d) and ``bias`` (K,).
 :func:`fit_erm_head` fits it by multinomial logistic regression (ERM) on the labeled training split;

@@ -1,4 +1,4 @@
-"""Mixup variants (SPEC.md section 6): how a class-i sample ``a`` and its class-j partner ``b`` are mixed.
+"""Mixup variants (docs/method.md, Mixup variants): how a class-i sample ``a`` and its class-j partner ``b`` are mixed.
 
 Every variant keeps the dominant label i unless it says otherwise, and returns the mixed tensor together
 with ``lam_eff`` (B,), the fraction of the result that comes from ``a`` (the actual mixing weight for
@@ -48,7 +48,7 @@ How this differs from the original PuzzleMix (Kim, Choo and Song, ICML 2020):
 
 With a frozen trunk and a pooled linear head the layout of the last map is invisible to the head (pooling
 forgets positions), so ``cutmix`` and ``puzzlemix`` differ from ``feature`` only through which cells are
-mixed; they matter in top-block mode (SPEC.md section 13).
+mixed; they matter in top-block mode (docs/method.md, Top-block mode).
 
 Decided here (issue 14): this module is the one home of the variant names (:data:`VARIANTS`,
 :data:`MAP_VARIANTS`, :func:`needs_maps`), which the torch-free ``config`` and ``space`` read; so torch is

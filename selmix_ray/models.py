@@ -10,7 +10,7 @@ The loop (:mod:`selmix_ray.engine`) sees one interface and never asks which mode
 - ``centroids()``, ``is_finite()``, ``state()`` / ``load(...)``, and ``lr``, ``meta``, ``row_bytes``.
 
 :class:`HeadModel` (head-only mode) mixes at draw time, so that a refresh interval's batches are mixed in a
-few large tensor operations; :class:`TopBlockModel` (``features.block`` set, SPEC.md section 13) mixes the
+few large tensor operations; :class:`TopBlockModel` (``features.block`` set; docs/method.md, Top-block mode) mixes the
 cached maps at draw time for ``cutmix``/``puzzlemix``, and the block's outputs inside ``step`` for the
 feature variants. Both draw the same random numbers in the same order (sampler, then mixing weights, then
 the mixing's own draws). Gradients are explicit for the head (d mean CE / d logits = (softmax - target) / B)

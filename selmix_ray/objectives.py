@@ -2,7 +2,7 @@
 
 Every objective works on the joint confusion C, shape (K, K), rows = true class, columns = predicted
 class, summing to 1 (counts are accepted and normalised). With prior pi_k = sum_l C_kl and recall
-r_k = C_kk / pi_k (SPEC.md sections 2 and 3):
+r_k = C_kk / pi_k (docs/method.md, Notation and Objectives):
 
 - ``value(C)``: the true metric, computed by :func:`selmix_ray.metrics.metric_values`, the same function
   that produces the reported metrics (no floor);
@@ -156,7 +156,7 @@ class Objective:
             )
 
     def head(self, n_classes: int) -> np.ndarray:
-        """Boolean (K,): True for head classes (SPEC.md section 2), cached per K."""
+        """Boolean (K,): True for head classes (docs/method.md, Notation), cached per K."""
         if self._head is None or self._head.shape[0] != n_classes:
             self._head = head_mask(self.train_counts, n_classes)
         return self._head

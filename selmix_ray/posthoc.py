@@ -1,4 +1,4 @@
-"""Post-hoc corrections that can follow any method (SPEC.md section 7), numpy only.
+"""Post-hoc corrections that can follow any method (docs/method.md, One trial), numpy only.
 
 A correction adds one offset per class to the logits, ``adjusted = logits + offsets`` with ``offsets``
 (K,), and is fitted to maximise the objective's ``value`` on a fitting set (the validation split):

@@ -1,6 +1,6 @@
 """Read experiment directories without Ray: trials, the best one, baselines, re-ranking, per-class views.
 
-An experiment directory (SPEC.md section 8) is what ``search`` writes under ``<storage>/<name>/``: Ray
+An experiment directory (docs/architecture.md, Experiment folder) is what ``search`` writes under ``<storage>/<name>/``: Ray
 Tune's files (one folder per trial with ``params.json``, ``result.json`` and ``checkpoint_XXXXXX/``
 folders holding the trial's history), the manifest, the Optuna journal and ``baselines.json``. Everything
 here reads those files only, so it works with Ray stopped and on a sweep that is still running or was

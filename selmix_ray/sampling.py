@@ -1,6 +1,6 @@
 """Pair distribution P over the K x K class pairs and the sampler that draws mixup partners from it.
 
-SPEC.md section 5:
+docs/method.md, The pair distribution:
 
     P = softmax(s G) over all K^2 entries (one joint softmax)
     positive mask (default on): pairs with G <= 0 get zero mass; if none is positive, P is uniform

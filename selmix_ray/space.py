@@ -1,4 +1,4 @@
-"""Search spaces: YAML files (SPEC.md section 12) -> an Optuna define-by-run function.
+"""Search spaces: YAML files (docs/method.md, Search spaces) -> an Optuna define-by-run function.
 
 A space file reads::
 

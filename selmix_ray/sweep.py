@@ -1,4 +1,4 @@
-"""Sweeps: Ray Tune runs the trials, Optuna proposes the configurations (SPEC.md sections 8 and 9).
+"""Sweeps: Ray Tune runs the trials, Optuna proposes the configurations (docs/architecture.md).
 
 ``search`` builds one Tuner per experiment folder ``<storage>/<name>/``::
 
@@ -101,7 +101,7 @@ def search(
     """Run a sweep of ``num_samples`` trials and return its ``results.Run``.
 
     Args:
-        space: a YAML path, a dict in the layout of SPEC.md section 12, or a ``SearchSpace``.
+        space: a YAML path, a dict in the layout of docs/method.md (Search spaces), or a ``SearchSpace``.
         features: the FeatureSet every trial fine-tunes on (``build_features(...)``).
         storage: experiments folder (local/NFS path or pyarrow URI); the experiment is ``<storage>/<name>``.
         name: experiment name; an existing one is refused (continue it with :func:`resume`).
@@ -110,7 +110,7 @@ def search(
         resources_per_trial: e.g. ``{"cpu": 1}`` (default) or ``{"cpu": 1, "gpu": 0.5}``.
         scheduler: ``"asha"`` (early stopping on ``step``) or ``"fifo"``; multi-objective spaces use none.
         sampler: ``"tpe"`` (NSGA-II when the space is multi-objective), ``"nsga2"`` or ``"random"``.
-        repeats: seeds per configuration, trained in lockstep; trials report the mean (SPEC.md section 7).
+        repeats: seeds per configuration, trained in lockstep; trials report the mean (docs/method.md, One trial).
         seed: seeds the sampler and the trials (copies use seed ... seed + repeats - 1).
         address: Ray cluster address (``"auto"``, ``"ray://..."``, ``host:port``) when Ray is not already
             initialised; default: start a local one. A Ray that search() started is shut down at the end.

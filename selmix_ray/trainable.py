@@ -1,4 +1,4 @@
-"""The Ray Tune trainable: one trial = one ``finetune`` run on the shared features (SPEC.md section 8).
+"""The Ray Tune trainable: one trial = one ``finetune`` run on the shared features (docs/architecture.md, Modules).
 
 A thin adapter, nothing more::
 

@@ -1,5 +1,5 @@
 """Child-process driver for the kill/resume test: connects to the test session's Ray cluster and runs a
-sweep until the test kills it with SIGKILL (a killed driver must not own the cluster, SPEC.md section 9).
+sweep until the test kills it with SIGKILL (a killed driver must not own the cluster: docs/architecture.md, Facts about Ray Tune 2.60 and Optuna 5).
 
     python tests/_sweep_driver.py ADDRESS STORAGE NAME NUM_SAMPLES SPACE_JSON [SEED [SCHEDULER]]
 

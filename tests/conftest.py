@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-# Quiet, safe Ray settings (SPEC.md section 9). Set here, in the test process, never at import selmix_ray.
+# Quiet, safe Ray settings (docs/architecture.md, Facts about Ray Tune 2.60 and Optuna 5). Set here, in the test process, never at import selmix_ray.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")

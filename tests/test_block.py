@@ -1,4 +1,4 @@
-"""Tests of top-block mode in the fine-tuning loop (SPEC.md section 13): the last block trains with the head."""
+"""Tests of top-block mode in the fine-tuning loop (docs/method.md, Top-block mode): the last block trains with the head."""
 
 from __future__ import annotations
 

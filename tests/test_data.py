@@ -1,4 +1,4 @@
-"""Long-tailed splits (selmix_ray.data) against the SPEC.md section 10 formula, worked by hand."""
+"""Long-tailed splits (selmix_ray.data) against the formula of docs/method.md, Data, worked by hand."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of the fine-tuning loop (SPEC.md section 7) on small synthetic FeatureSets and on digits."""
+"""Tests of the fine-tuning loop (docs/method.md, One trial) on small synthetic FeatureSets and on digits."""
 
 from __future__ import annotations
 

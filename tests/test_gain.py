@@ -58,7 +58,7 @@ def updated_objective(name, counts, **params):
 
 
 def loop_gain(counts, Z, W, b, objective, *, lambda_min, form, train_bias, jacobian, target):
-    """The gain, one pair at a time, straight from the definition (SPEC.md section 4)."""
+    """The gain, one pair at a time, straight from the definition (docs/method.md, The gain matrix)."""
     K = len(counts)
     C = counts / counts.sum()
     prior = C.sum(axis=1)

@@ -10,7 +10,7 @@ from selmix_ray.sampling import PairSampler, distribution_stats, pair_distributi
 
 
 def reference_distribution(G, s, positive_only, eps):
-    """SPEC.md section 5, entry by entry."""
+    """docs/method.md, The pair distribution, entry by entry."""
     K = len(G)
     weights = {}
     for i in range(K):
