@@ -13,8 +13,8 @@ counts may be fractional). The best report is the one at ``best_step`` (the repo
 
 Per-image predictions at the best report (``best_val_predictions``, ``best_test_predictions``): the class
 each validation (test) image was given at that report, in the FeatureSet's order of that split
-(``features.val.y``: for the bundled data sets the images sorted by their index in the source data set,
-not grouped by class). They are the predictions behind the split's stored counts: ``"val"`` with a
+(``features.val.y``; for the bundled data sets the images sorted by their index in the source data, which
+groups them by class for ``mnist`` and not for ``digits``). They are the predictions behind the split's stored counts: ``"val"`` with a
 post-hoc correction is the cross-fitted prediction (each image predicted by the correction fitted on the
 other half), ``"test"`` the correction fitted on all of validation. So
 ``confusion_counts(features.val.y, best_val_predictions, K)`` equals the best record's ``"val"`` counts.
