@@ -40,7 +40,10 @@ no branch on the mode:
 - :class:`FinetuneState` holds the block's weights and buffers and its momentum buffers: resume is exact.
 
 Decided here: the best report is the first that reached the highest ``val/objective`` (``History.best_index``
-reads it back from ``best_step``), so a tie keeps the earlier report.
+reads it back from ``best_step``), so a tie keeps the earlier report. At that report the history also keeps
+the predicted class of every validation and test image (``History.best_val_predictions``/
+``best_test_predictions``, for paired comparisons): the arg-max the report computes for its counts anyway
+(with a post-hoc correction, the cross-fitted validation predictions and the corrected test ones).
 
 Importing this module needs numpy, torch and scipy only (no Ray, Optuna or pyarrow); it imports nothing
 from the data layer (``data``, ``features``, ``backbones``).

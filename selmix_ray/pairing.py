@@ -56,7 +56,8 @@ from .uncertainty import (
 )
 from .verdicts import Comparison
 
-__all__ = ["compare_predictions", "pooled_replicates", "check_predictions", "best_baseline", "paired_comparison"]
+__all__ = ["compare_predictions", "pooled_replicates", "check_predictions", "best_baseline", "paired_comparison",
+           "run_labels"]
 
 SPLITS = ("val", "test")
 
@@ -190,7 +191,7 @@ def paired_comparison(
     if baseline not in run.baselines:
         raise ExperimentError(f"{run.path} has no baseline {baseline!r}; it has "
                               f"{', '.join(run.baselines) or 'none'}.")
-    labels = _labels(run, split)
+    labels = run_labels(run, split)
     history = run.history(trial_id)
     record = run.baselines[baseline]
     trial = getattr(history, f"{split}_predictions")
@@ -209,8 +210,9 @@ def paired_comparison(
                                resamples=resamples, seed=seed)
 
 
-def _labels(run, split: str) -> np.ndarray | None:
-    """The true classes stored once in the experiment's baselines.json (None when absent or older)."""
+def run_labels(run, split: str = "val") -> np.ndarray | None:
+    """(n,) int64 true classes of ``split``, stored once in the experiment's baselines.json (``Run.baselines``
+    holds only the records); None when the file is absent or older than stored predictions."""
     path = run.path / BASELINES_FILE
     if not path.is_file():
         return None

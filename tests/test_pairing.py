@@ -17,7 +17,13 @@ from selmix_ray.engine import FinetuneConfig, FinetuneState, Trainer, finetune, 
 from selmix_ray.errors import DataError
 from selmix_ray.history import History, decode_predictions, dense_counts, encode_predictions
 from selmix_ray.objectives import get_objective
-from selmix_ray.pairing import best_baseline, check_predictions, compare_predictions, paired_comparison
+from selmix_ray.pairing import (
+    best_baseline,
+    check_predictions,
+    compare_predictions,
+    paired_comparison,
+    run_labels,
+)
 from selmix_ray.results import TrialHistory
 from selmix_ray.space import load_space
 from selmix_ray.verdicts import compare_paired
@@ -235,6 +241,25 @@ def test_best_baseline_is_the_highest_validation_score_first_on_ties():
     assert best_baseline({}) is None
 
 
+def test_an_experiment_written_before_predictions_gives_none(tmp_path):
+    """Old baselines.json (format 2) and histories without predictions: no paired comparison, no error."""
+    from types import SimpleNamespace
+
+    counts = [[0, 0, 5], [1, 1, 5]]
+    record = {"metrics": {"val/best_objective": 0.5}, "n_classes": 2, "val": {"counts": counts}}
+    (tmp_path / "baselines.json").write_text(json.dumps({"format": 2, "baselines": {"start": record}}))
+    history = History(records=[{"step": 0, "metrics": {}, "val": {"counts": counts, "recall": [1, 1]}}],
+                      best_step=0, meta={"n_classes": 2})
+    run = SimpleNamespace(path=tmp_path, baselines={"start": record}, objective="min_recall",
+                          objective_params={}, history=lambda trial_id: TrialHistory(trial_id, [history]),
+                          train_counts=lambda: None)
+    assert run_labels(run) is None
+    assert paired_comparison(run, "t") is None
+    record["val_predictions"] = encode_predictions([[0] * 5 + [1] * 5])
+    history.best_val_predictions = np.array([0] * 5 + [1] * 5)
+    assert paired_comparison(run, "t") is None  # still no labels
+
+
 # -- end to end ----------------------------------------------------------------------------------------
 
 
@@ -245,6 +270,7 @@ def test_a_sweep_stores_predictions_that_pair_trials_with_baselines(sweep, digit
     run = load_run(sweep)
     raw = json.loads((sweep / "baselines.json").read_text())
     np.testing.assert_array_equal(stored_labels(raw, "val"), digits.val.y)
+    np.testing.assert_array_equal(run_labels(run, "test"), digits.test.y)
     baseline = best_baseline(run.baselines)
     K = digits.n_classes
     compared = 0
