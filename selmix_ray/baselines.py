@@ -15,8 +15,9 @@ where the counts are the confusion counts at each copy's best report, summed ove
 image at each copy's best report (row r reproduces copy r's counts; summed over rows, the stored counts)
 and ``*_labels`` the (n_val,) / (n_test,) true classes, once for the file; all four in the FeatureSet's
 order of the split and in ``history.encode_predictions``'s form. Format 2 files (no predictions or
-labels) still load: the readers return None for what is missing. Results are cached per feature key and settings under
-``<cache>/baselines/``, so a second sweep on the same features starts at once.
+labels) still load: the readers return None for what is missing. Results are cached per feature key and
+settings under ``<cache>/baselines/``, so a second sweep on the same features starts at once (a cached
+format 2 entry has another key: it is recomputed once, with predictions).
 
 The readers (:func:`baseline_row`, :func:`baseline_score`, :func:`baseline_recall`) take one record
 (also older layouts: flat metrics, or a ``records`` list of history records) and use numpy only.
