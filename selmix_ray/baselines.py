@@ -4,13 +4,20 @@
 (the starting head, its post-hoc corrections, plain ERM fine-tuning, uniform mixup) on the CPU, before any
 trial, and returns the record ``search`` writes to ``baselines.json``::
 
-    {"format": 2, "feature_key": ..., "repeats": r, "baselines": {name: record}}
+    {"format": 3, "feature_key": ..., "repeats": r, "val_labels": encoded, "test_labels": encoded,
+     "baselines": {name: record}}
     record = {"config", "metrics" (the last report), "n_classes", "per_class_recall": {"val": [K], "test": [K]},
-              "val": {"counts": sparse}, "test": {"counts": sparse}, "seconds"}
+              "val": {"counts": sparse}, "test": {"counts": sparse},
+              "val_predictions": encoded, "test_predictions": encoded, "seconds"}
 
 where the counts are the confusion counts at each copy's best report, summed over the ``r`` copies
-(``history.pooled_best_counts``). Results are cached per feature key and settings under
-``<cache>/baselines/``, so a second sweep on the same features starts at once.
+(``history.pooled_best_counts``), ``*_predictions`` the (r, n_val) / (r, n_test) predicted class of every
+image at each copy's best report (row r reproduces copy r's counts; summed over rows, the stored counts)
+and ``*_labels`` the (n_val,) / (n_test,) true classes, once for the file; all four in the FeatureSet's
+order of the split and in ``history.encode_predictions``'s form. Format 2 files (no predictions or
+labels) still load: the readers return None for what is missing. Results are cached per feature key and
+settings under ``<cache>/baselines/``, so a second sweep on the same features starts at once (a cached
+format 2 entry has another key: it is recomputed once, with predictions).
 
 The readers (:func:`baseline_row`, :func:`baseline_score`, :func:`baseline_recall`) take one record
 (also older layouts: flat metrics, or a ``records`` list of history records) and use numpy only.
@@ -30,10 +37,16 @@ import numpy as np
 from .checks import is_number
 from .constants import METRIC_NAMES, SCORE_KEY
 from .errors import SelMixError
-from .history import dense_counts, mean_best_recall, pooled_best_counts
+from .history import (
+    decode_predictions,
+    dense_counts,
+    encode_predictions,
+    mean_best_recall,
+    pooled_best_counts,
+)
 
 __all__ = ["BASELINES", "BASELINE_FORMAT", "compute_baselines", "baseline_row", "baseline_score",
-           "baseline_recall"]
+           "baseline_recall", "baseline_predictions", "stored_labels"]
 
 BASELINES = {  # name -> overrides of the sweep's fixed values (steps = 0 is the starting head)
     "start": {"method": "erm", "steps": 0, "posthoc": "none"},
@@ -42,7 +55,7 @@ BASELINES = {  # name -> overrides of the sweep's fixed values (steps = 0 is the
     "erm": {"method": "erm", "posthoc": "none"},
     "uniform_mixup": {"method": "uniform_mixup", "posthoc": "none"},
 }
-BASELINE_FORMAT = 2  # 2: each baseline also holds its val/test confusion counts at the best report
+BASELINE_FORMAT = 3  # 2: each baseline holds its val/test counts at the best report; 3: + per-image predictions
 REFERENCE = "start"  # the baseline that per-class differences are taken from by default
 
 
@@ -74,7 +87,8 @@ def compute_baselines(features, search_space, *, repeats: int, seed: int,
         return json.loads(cache_file.read_text(encoding="utf-8"))
 
     out: dict[str, Any] = {"format": BASELINE_FORMAT, "feature_key": features.key, "repeats": repeats,
-                           "baselines": {}}
+                           "val_labels": encode_predictions(features.val.y),
+                           "test_labels": encode_predictions(features.test.y), "baselines": {}}
     for name, config in configs.items():
         started = time.perf_counter()
         reports: list[dict[str, float]] = []
@@ -88,6 +102,7 @@ def compute_baselines(features, search_space, *, repeats: int, seed: int,
             "n_classes": features.n_classes,
             "per_class_recall": mean_best_recall(histories),
             **pooled_best_counts(histories),
+            **_best_predictions(histories),
             "seconds": round(time.perf_counter() - started, 3),
         }
         log(f"baseline {name:<20s} {SCORE_KEY}={reports[-1][SCORE_KEY]:.4f} "
@@ -99,6 +114,14 @@ def compute_baselines(features, search_space, *, repeats: int, seed: int,
         except OSError:
             pass  # a read-only cache only costs recomputation
     return out
+
+
+def _best_predictions(histories) -> dict[str, Any]:
+    """``{"val_predictions": ..., "test_predictions": ...}``: each copy's per-image predictions at its best
+    report, stacked (repeats, n) and encoded."""
+    return {f"{split}_predictions": encode_predictions(np.stack([getattr(h, f"best_{split}_predictions")
+                                                                 for h in histories]))
+            for split in ("val", "test")}
 
 
 def _cache_dir() -> Path:
@@ -156,6 +179,20 @@ def baseline_recall(record: dict[str, Any], split: str) -> np.ndarray | None:
     if part is not None and isinstance(part.get("recall"), list):
         return np.asarray(part["recall"], dtype=float)
     return None
+
+
+def baseline_predictions(record: dict[str, Any], split: str = "val") -> np.ndarray | None:
+    """(repeats, n) int64 predicted class of every ``split`` image at each copy's best report, or None when
+    the record predates them (format 2 and older)."""
+    encoded = record.get(f"{split}_predictions")
+    return None if not isinstance(encoded, dict) else decode_predictions(encoded)
+
+
+def stored_labels(baselines_file: dict[str, Any], split: str = "val") -> np.ndarray | None:
+    """(n,) int64 true classes of ``split`` from a whole ``baselines.json`` (not one record), or None when
+    the file predates them (format 2 and older)."""
+    encoded = baselines_file.get(f"{split}_labels")
+    return None if not isinstance(encoded, dict) else decode_predictions(encoded)
 
 
 def _flat_metrics(record: dict[str, Any]) -> dict[str, Any]:

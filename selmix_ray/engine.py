@@ -40,7 +40,10 @@ no branch on the mode:
 - :class:`FinetuneState` holds the block's weights and buffers and its momentum buffers: resume is exact.
 
 Decided here: the best report is the first that reached the highest ``val/objective`` (``History.best_index``
-reads it back from ``best_step``), so a tie keeps the earlier report.
+reads it back from ``best_step``), so a tie keeps the earlier report. At that report the history also keeps
+the predicted class of every validation and test image (``History.best_val_predictions``/
+``best_test_predictions``, for paired comparisons): the arg-max the report computes for its counts anyway
+(with a post-hoc correction, the cross-fitted validation predictions and the corrected test ones).
 
 Importing this module needs numpy, torch and scipy only (no Ray, Optuna or pyarrow); it imports nothing
 from the data layer (``data``, ``features``, ``backbones``).
@@ -68,7 +71,7 @@ from .history import History, sparse_counts
 from .metrics import confusion_counts, joint_confusion, summarize
 from .models import EVAL_CHUNK, build_model
 from .objectives import get_objective
-from .posthoc import cross_fitted_confusion, fit_correction
+from .posthoc import cross_fitted_predictions, fit_correction
 from .sampling import PairSampler, distribution_stats, pair_distribution
 
 __all__ = ["FinetuneConfig", "FinetuneState", "History", "Trainer", "finetune", "finetune_repeats"]
@@ -323,21 +326,23 @@ class Trainer:
         val_y, test_y = self.features.val.y, self.features.test.y
         splits = {}
         if config.posthoc == "none":
-            splits["val"] = confusion_counts(val_y, self.logits("val").argmax(axis=1), K)
-            splits["test"] = confusion_counts(test_y, _predict(self.model.features("test"), self.weight, self.bias), K)
+            val_pred = self.logits("val").argmax(axis=1)
+            test_pred = _predict(self.model.features("test"), self.weight, self.bias)
         else:
             val_logits, test_logits = self.logits("val"), self.logits("test")
             splits["val_raw"] = confusion_counts(val_y, val_logits.argmax(axis=1), K)
             splits["test_raw"] = confusion_counts(test_y, test_logits.argmax(axis=1), K)
             # val/*: cross-fitted on validation halves; test/*: the correction fitted on all of validation.
             # (posthoc deep-copies the objective: the training multipliers are never touched)
-            splits["val"] = cross_fitted_confusion(
+            val_pred = cross_fitted_predictions(
                 config.posthoc, val_logits, val_y, self.scorer, train_counts=self.train_counts,
                 n_classes=K, seed=config.seed,
             )
             correction = fit_correction(config.posthoc, val_logits, val_y, self.scorer,
                                         train_counts=self.train_counts)
-            splits["test"] = confusion_counts(test_y, correction.apply(test_logits).argmax(axis=1), K)
+            test_pred = correction.apply(test_logits).argmax(axis=1)
+        splits["val"] = confusion_counts(val_y, val_pred, K)  # val_pred, test_pred: (n_val,), (n_test,)
+        splits["test"] = confusion_counts(test_y, test_pred, K)
 
         metrics: dict[str, float] = {STEP_KEY: float(self.step)}
         record: dict[str, Any] = {"step": self.step, "metrics": metrics}
@@ -358,6 +363,8 @@ class Trainer:
             best = record
             self.history.best_p = None if self.P is None else self.P.astype(np.float32)
             self.history.best_step = self.step
+            self.history.best_val_predictions = np.asarray(val_pred, dtype=np.int64)  # per image, for pairing
+            self.history.best_test_predictions = np.asarray(test_pred, dtype=np.int64)
         metrics[SCORE_KEY] = best["metrics"]["val/objective"]
         for m in METRIC_NAMES:
             metrics[f"test_at_best/{m}"] = best["metrics"][f"test/{m}"]

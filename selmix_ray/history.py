@@ -10,18 +10,37 @@ where a split is ``{"recall": [K floats], "counts": [[row, col, count], ...]}``:
 the (K, K) confusion counts, rows = true class, columns = predicted class (cross-fitted validation
 counts may be fractional). The best report is the one at ``best_step`` (the report where
 ``val/best_objective`` was reached); a history without one uses its last report.
+
+Per-image predictions at the best report (``best_val_predictions``, ``best_test_predictions``): the class
+each validation (test) image was given at that report, in the FeatureSet's order of that split
+(``features.val.y``; for the bundled data sets the images sorted by their index in the source data, which
+groups them by class for ``mnist`` and not for ``digits``). They are the predictions behind the split's stored counts: ``"val"`` with a
+post-hoc correction is the cross-fitted prediction (each image predicted by the correction fitted on the
+other half), ``"test"`` the correction fitted on all of validation. So
+``confusion_counts(features.val.y, best_val_predictions, K)`` equals the best record's ``"val"`` counts.
+They let a trial and a baseline be compared paired, image by image (:mod:`selmix_ray.pairing`). In the
+JSON (:func:`encode_predictions`)::
+
+    {"dtype": "uint8" | "uint16" | "int32", "shape": [...], "zlib_base64": str}
+
+the smallest integer type that holds K classes, C-order bytes, zlib level 9, then base64. Absent in
+histories written before they were stored (read back as None).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["History", "sparse_counts", "dense_counts", "pooled_best_counts", "mean_best_recall"]
+from .errors import DataError
+
+__all__ = ["History", "sparse_counts", "dense_counts", "pooled_best_counts", "mean_best_recall",
+           "encode_predictions", "decode_predictions"]
 
 
 @dataclass
@@ -34,12 +53,17 @@ class History:
             ``erm`` or before the first report).
         best_step: the step of the best report so far (the one ``test_at_best/*`` come from).
         meta: config, n_classes, train_counts (head/tail), the effective learning rate and the device.
+        best_val_predictions, best_test_predictions: (n_val,) / (n_test,) int64 predicted class of every
+            validation / test image at the best report so far (module docstring; None before the first
+            report and in older histories).
     """
 
     records: list[dict[str, Any]] = field(default_factory=list)
     best_p: np.ndarray | None = None
     best_step: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    best_val_predictions: np.ndarray | None = None
+    best_test_predictions: np.ndarray | None = None
 
     @property
     def metrics(self) -> list[dict[str, float]]:
@@ -88,7 +112,8 @@ class History:
         if self.best_p is not None:
             p = np.ascontiguousarray(self.best_p, dtype=np.float32)
             best_p = {"dtype": "float32", "shape": list(p.shape), "base64": base64.b64encode(p.tobytes()).decode()}
-        return {"records": self.records, "best_p": best_p, "best_step": self.best_step, "meta": self.meta}
+        return {"records": self.records, "best_p": best_p, "best_step": self.best_step, "meta": self.meta,
+                **_predictions_to_dict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> History:
@@ -97,7 +122,7 @@ class History:
             raw = base64.b64decode(best_p["base64"])
             best_p = np.frombuffer(raw, dtype=np.float32).reshape(best_p["shape"]).copy()
         return cls(records=data["records"], best_p=best_p, best_step=data.get("best_step"),
-                   meta=data.get("meta", {}))
+                   meta=data.get("meta", {}), **_predictions_from_dict(data))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -105,6 +130,44 @@ class History:
     @classmethod
     def from_json(cls, text: str) -> History:
         return cls.from_dict(json.loads(text))
+
+
+_PREDICTION_FIELDS = ("best_val_predictions", "best_test_predictions")
+
+
+def _predictions_to_dict(history: History) -> dict[str, Any]:
+    """The encoded prediction fields that are set (none for a history without them, as before)."""
+    return {name: encode_predictions(getattr(history, name)) for name in _PREDICTION_FIELDS
+            if getattr(history, name) is not None}
+
+
+def _predictions_from_dict(data: dict[str, Any]) -> dict[str, np.ndarray | None]:
+    return {name: None if data.get(name) is None else decode_predictions(data[name]) for name in _PREDICTION_FIELDS}
+
+
+def encode_predictions(predictions) -> dict[str, Any]:
+    """JSON form of an integer array of predicted classes (any shape, e.g. (n,) or (repeats, n)).
+
+    The smallest of uint8 / uint16 / int32 that holds its values, zlib-compressed and base64-encoded
+    (module docstring); :func:`decode_predictions` inverts it exactly.
+    """
+    array = np.asarray(predictions)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise DataError(f"predictions must be integers (class indices), but got dtype {array.dtype}.")
+    if array.size and (array.min() < 0 or array.max() > np.iinfo(np.int32).max):
+        raise DataError(f"predictions must lie in [0, 2**31), but got values in [{array.min()}, {array.max()}].")
+    top = int(array.max()) if array.size else 0
+    dtype = "uint8" if top < 2**8 else "uint16" if top < 2**16 else "int32"
+    raw = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+    return {"dtype": dtype, "shape": list(array.shape),
+            "zlib_base64": base64.b64encode(zlib.compress(raw, 9)).decode("ascii")}
+
+
+def decode_predictions(data: dict[str, Any]) -> np.ndarray:
+    """int64 array of predicted classes from :func:`encode_predictions`'s dict."""
+    dtype = np.dtype(data["dtype"]).newbyteorder("<")
+    raw = zlib.decompress(base64.b64decode(data["zlib_base64"]))
+    return np.frombuffer(raw, dtype=dtype).astype(np.int64).reshape(data["shape"])
 
 
 def sparse_counts(counts: np.ndarray) -> list[list]:

@@ -51,7 +51,8 @@ import numpy as np
 from .errors import ConfigError, DataError
 from .metrics import confusion_counts
 
-__all__ = ["KINDS", "TAU_GRID", "CLASS_WEIGHT_ROUNDS", "Correction", "fit_correction", "cross_fitted_confusion"]
+__all__ = ["KINDS", "TAU_GRID", "CLASS_WEIGHT_ROUNDS", "Correction", "fit_correction", "cross_fitted_confusion",
+           "cross_fitted_predictions"]
 
 KINDS = ("none", "logit_adjust", "class_weights")
 TAU_GRID = tuple(0.25 * step for step in range(13))  # logit-adjustment strengths tried: 0, 0.25, ..., 3
@@ -254,10 +255,20 @@ def cross_fitted_confusion(
 
     Args: as :func:`fit_correction`, plus ``n_classes`` (K) and ``seed`` for the split.
     """
+    predicted = cross_fitted_predictions(kind, logits, labels, objective, train_counts=train_counts,
+                                         n_classes=n_classes, seed=seed)
+    return confusion_counts(np.asarray(labels), predicted, n_classes)
+
+
+def cross_fitted_predictions(
+    kind: str, logits, labels, objective, *, train_counts=None, n_classes: int, seed: int = 0
+) -> np.ndarray:
+    """(n,) int64 predicted class of every sample by the correction fitted on the other half (the
+    predictions that :func:`cross_fitted_confusion` counts; arguments as there)."""
     _check_kind(kind)
     logits, labels = _check_inputs(logits, labels, n_classes)
     if kind == "none":
-        return confusion_counts(labels, logits.argmax(axis=1), n_classes)
+        return logits.argmax(axis=1)
     per_class = np.bincount(labels, minlength=n_classes)
     short = np.flatnonzero(per_class < 2)
     if short.size:
@@ -270,9 +281,8 @@ def cross_fitted_confusion(
     for k in range(n_classes):
         members = rng.permutation(np.flatnonzero(labels == k))
         first[members[: members.size // 2]] = True
-    counts = np.zeros((n_classes, n_classes), dtype=np.int64)
+    predicted = np.empty(labels.shape[0], dtype=np.int64)
     for fit_on, score_on in ((first, ~first), (~first, first)):
         correction = fit_correction(kind, logits[fit_on], labels[fit_on], objective, train_counts=train_counts)
-        predicted = correction.apply(logits[score_on]).argmax(axis=1)
-        counts += confusion_counts(labels[score_on], predicted, n_classes)
-    return counts
+        predicted[score_on] = correction.apply(logits[score_on]).argmax(axis=1)
+    return predicted

@@ -95,6 +95,23 @@ class TrialHistory:
     def train_counts(self) -> np.ndarray | None:
         return self.copies[0].train_counts
 
+    @property
+    def val_predictions(self) -> np.ndarray | None:
+        """(repeats, n_val) int64 predicted class of every validation image at each copy's best report, in
+        the FeatureSet's validation order (``history`` module docstring); None when a copy has none stored
+        (histories written before they were). Row r reproduces copy r's best ``"val"`` counts."""
+        return _stacked(self.copies, "best_val_predictions")
+
+    @property
+    def test_predictions(self) -> np.ndarray | None:
+        """(repeats, n_test) int64, as :attr:`val_predictions` on the test images."""
+        return _stacked(self.copies, "best_test_predictions")
+
+
+def _stacked(copies: list[History], name: str) -> np.ndarray | None:
+    arrays = [getattr(copy, name) for copy in copies]
+    return None if any(a is None for a in arrays) else np.stack(arrays)
+
 
 @dataclass
 class Run:
