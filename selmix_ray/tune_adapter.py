@@ -49,6 +49,7 @@ __all__ = [
     "experiment_state_files",
     "parse_experiment_state",
     "read_trial_states",
+    "TUNE_TRIAL_ID_ATTR",
 ]
 
 # package -> (lowest tested, first untested) release: [low, high). Widen only after the adapter tests pass.
@@ -56,6 +57,7 @@ TESTED_VERSIONS = {"ray": ((2, 60), (2, 61)), "optuna": ((5, 1), (5, 2))}
 EXPERIMENT_STATE_PREFIX = "experiment_state-"  # Tune's CKPT_FILE_TMPL "experiment_state-{}.json"
 SNAPSHOT_WARNING = "snapshotting has been triggered multiple times"  # part of Tune's warning text
 SNAPSHOT_LOGGER = "ray.tune.execution.experiment_state"  # the module that logs it
+TUNE_TRIAL_ID_ATTR = "tune_trial_id"  # the Optuna user attribute that holds a trial's Tune trial id
 _LAZY_CLASSES = ("StudySearch", "PicklableNSGAIISampler", "SnapshotCallback")
 
 
@@ -194,7 +196,8 @@ def _define_searcher() -> None:
     from ray.tune.search.optuna import OptunaSearch
 
     class StudySearch(OptunaSearch):
-        """OptunaSearch that tells PRUNED trials, tolerates re-told trials and fails orphans on restore.
+        """OptunaSearch that tells PRUNED trials, tolerates re-told trials and fails orphans on restore;
+        each Optuna trial carries its Tune trial id as the user attribute :data:`TUNE_TRIAL_ID_ATTR`.
 
         Args (besides OptunaSearch's): steps, the sweep's step count: a trial that ends before it was
         stopped by the scheduler and is told PRUNED (no value; telling PRUNED with a value raises in Optuna).
@@ -213,6 +216,13 @@ def _define_searcher() -> None:
             self._steps = steps
             self._in_snapshot: set[str] = set()  # trial ids the last snapshot knows
             self._untold: dict[str, dict] = {}  # trial id -> tell kwargs, held until the next snapshot
+
+        def suggest(self, trial_id: str):
+            asked_before = trial_id in self._ot_trials
+            config = super().suggest(trial_id)
+            if not asked_before and trial_id in self._ot_trials:  # the link Run.df and the study share
+                self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID_ATTR, trial_id)
+            return config
 
         def save(self, checkpoint_path: str) -> None:
             for trial_id, outcome in self._untold.items():  # Tune wrote this snapshot's trial states before
