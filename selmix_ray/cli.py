@@ -348,15 +348,16 @@ def cmd_compare(args) -> int:
 
         for run in comparison.runs:
             folder = Path(args.plots) / run.name if len(comparison.runs) > 1 else Path(args.plots)
-            _print_plots(write_plots(run, folder))
+            _print_plots(write_plots(run, folder, objective=args.objective))
     return 0
 
 
-def _summarise(run, *, plots: str | None, num_samples: int | None, seconds: float | None = None) -> int:
+def _summarise(run, *, plots: str | None, num_samples: int | None, seconds: float | None = None,
+               time_budget: float | None = None) -> int:
     """Print the best trial next to the baselines on test, write the plots, say where.
 
     Exit status 130 when the sweep stopped early (Ctrl-C: Ray Tune catches the first SIGINT, saves the
-    experiment and returns), 0 when it ran every trial.
+    experiment and returns), 0 when it ran every trial or its time budget ran out.
     """
     from .comparison import compare
     from .plots import write_plots
@@ -374,6 +375,10 @@ def _summarise(run, *, plots: str | None, num_samples: int | None, seconds: floa
               f"report: min_recall={best['test_at_best/min_recall']:.4f}, "
               f"mean_recall={best['test_at_best/mean_recall']:.4f}")
     _print_plots(write_plots(run, Path(plots) if plots else run.path / "plots"))
+    if stopped and time_budget is not None and seconds is not None and seconds >= time_budget:
+        print(f"[run_search] the time budget of {time_budget:g} s ran out with {len(run.df)} of {num_samples} "
+              f"trials started; continue with: {program()} resume {run.path}")
+        return 0
     if stopped:
         _print_interrupted(run.path)
         return 130
