@@ -231,6 +231,9 @@ def test_result_grid_and_tensorboard_files(sweep):
     assert sorted(r.metrics["trial_id"] for r in grid) == sorted(run.df["trial_id"])
     scores = {r.metrics["trial_id"]: r.metrics["val/best_objective"] for r in grid}
     assert scores == dict(zip(run.df["trial_id"], run.df["val/best_objective"]))
+    best = grid.get_best_result(metric="val/best_objective", mode="max")
+    assert best.metrics["val/best_objective"] == run.best["val/best_objective"]
+    assert len(grid.get_dataframe()) == len(run.df)
     for folder in run.trial_dirs.values():
         (events,) = folder.glob("events.out.tfevents.*")
         assert b"val/objective" in events.read_bytes()
@@ -273,3 +276,51 @@ def test_cli_time_budget_stops_the_sweep_and_says_how_to_continue(ray_cluster, t
     assert f"continue with: python run_search.py resume {storage / 'budget'}" in done.stdout
     started = json.loads((storage / "budget" / "selmix_run.json").read_text())["num_samples"]
     assert started == 50 and len(list((storage / "budget").glob("run_trial_*"))) < 50
+
+
+@pytest.mark.slow
+def test_compare_table_shows_the_test_value_of_its_objective(sweep):
+    """Scored by gmean, the table has a "test gmean" column (the test value at the best report by gmean)."""
+    from selmix_ray.comparison import compare
+
+    comparison = compare([sweep], objective="gmean")
+    text = comparison.to_string(top=3)
+    header = next(line for line in text.splitlines() if line.lstrip().startswith("name"))
+    assert "test gmean" in header
+    best = comparison.best["single"]
+    assert f"{best['test_at_best/gmean']:.4f}" in text
+    assert "test gmean" not in compare([sweep]).to_string(top=3)  # min_recall: already shown
+
+
+@pytest.mark.slow
+def test_trial_counter_after_resume_counts_the_trials_finished_before(ray_cluster, tmp_path):
+    """Interrupted after its first trial, then resumed: the resumed run ends at "trial 3/3" (not 2/3)."""
+    import signal
+    import time
+
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    storage, experiment = tmp_path / "results", tmp_path / "results" / "counted"
+    command = [sys.executable, str(REPO / "run_search.py"), "search", str(REPO / "search_spaces" / "gmean.yaml"),
+               "--dataset", "digits", "--rho", "10", "--backbone", "identity", "--num-samples", "3",
+               "--name", "counted", "--storage", str(storage), "--max-concurrent", "1", "--scheduler", "fifo",
+               "--address", ray_cluster, "steps=30000", "eval_every=1000"]  # a few seconds per trial
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    try:
+        deadline = time.monotonic() + 300
+        for line in child.stdout:  # the logger flushes each line, so they arrive as they are written
+            lines.append(line)
+            if line.startswith("[selmix-ray] trial 1/3 "):
+                child.send_signal(signal.SIGINT)
+                break
+            assert time.monotonic() < deadline, "no trial finished in time"
+        lines.extend(child.communicate(timeout=120)[0].splitlines())
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 130, "".join(lines)[-3000:]
+    done = subprocess.run([sys.executable, str(REPO / "run_search.py"), "resume", str(experiment),
+                           "--address", ray_cluster], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    counters = re.findall(r"^\[selmix-ray\] trial (\d+)/3 ", done.stdout, re.M)
+    assert counters and counters[-1] == "3" and "1" not in counters
