@@ -348,7 +348,7 @@ def cmd_compare(args) -> int:
 
         for run in comparison.runs:
             folder = Path(args.plots) / run.name if len(comparison.runs) > 1 else Path(args.plots)
-            _print_plots(write_plots(run, folder, objective=args.objective))
+            _print_plots(write_plots(run, folder, objective=args.objective, optuna=True))
     return 0
 
 
@@ -374,7 +374,7 @@ def _summarise(run, *, plots: str | None, num_samples: int | None, seconds: floa
               f"val/best_objective={best['val/best_objective']:.4f} ({run.objective}); on test at its best "
               f"report: min_recall={best['test_at_best/min_recall']:.4f}, "
               f"mean_recall={best['test_at_best/mean_recall']:.4f}")
-    _print_plots(write_plots(run, Path(plots) if plots else run.path / "plots"))
+    _print_plots(write_plots(run, Path(plots) if plots else run.path / "plots", optuna=True))
     if stopped and time_budget is not None and seconds is not None and seconds >= time_budget:
         print(f"[run_search] the time budget of {time_budget:g} s ran out with {len(run.df)} of {num_samples} "
               f"trials started; continue with: {program()} resume {run.path}")

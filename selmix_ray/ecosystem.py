@@ -16,7 +16,8 @@ Decisions:
   stops. Both, and the callbacks, are kept in Tune's ``tuner.pkl``, so ``resume`` applies them again.
 - Link ids: each Optuna trial carries its Tune trial id as the user attribute ``"tune_trial_id"``
   (:data:`selmix_ray.tune_adapter.TUNE_TRIAL_ID_ATTR`, set when the trial is asked), and ``Run.df`` has
-  the Optuna trial number in ``optuna_trial`` (NaN for experiments made before the link existed).
+  the Optuna trial number in ``optuna_trial`` (NaN for experiments made before the link existed), read
+  from the journal file without importing Optuna, so loading results stays as light as before.
 - ``Run.study`` loads the Optuna study from the experiment's journal for reading; writing to it (``tell``,
   ``enqueue_trial``) while a sweep runs would change what the sweep's searcher sees.
 - ``Run.result_grid()`` gives Tune's ``ResultGrid`` through ``Tuner.restore(path, trainable=run_trial)``;
@@ -33,7 +34,7 @@ from pathlib import Path
 from .checks import is_number
 from .constants import JOURNAL_FILE
 from .errors import ExperimentError
-from .tune_adapter import TUNE_TRIAL_ID_ATTR
+from .tune_adapter import read_journal_trial_links
 
 __all__ = ["CALLBACK_NAMES", "CALLBACK_PACKAGES", "missing_package", "callback_problems", "tune_callbacks",
            "default_loggers", "stop_problems", "load_study", "optuna_trial_numbers", "result_grid"]
@@ -141,12 +142,12 @@ def load_study(path: str | os.PathLike, name: str):
 
 def optuna_trial_numbers(path: str | os.PathLike, name: str) -> dict[str, int]:
     """{Tune trial id: Optuna trial number} from the study's ``tune_trial_id`` user attributes; {} when the
-    experiment has no journal yet or was made before the attributes existed."""
-    if not (Path(path) / JOURNAL_FILE).is_file():
+    experiment has no journal yet or was made before the attributes existed. Reads the journal file
+    without importing Optuna (``results`` stays light: tune_adapter.read_journal_trial_links)."""
+    journal = Path(path) / JOURNAL_FILE
+    if not journal.is_file():
         return {}
-    study = load_study(path, name)
-    return {t.user_attrs[TUNE_TRIAL_ID_ATTR]: t.number for t in study.get_trials(deepcopy=False)
-            if TUNE_TRIAL_ID_ATTR in t.user_attrs}
+    return read_journal_trial_links(journal, name)
 
 
 def result_grid(path: str | os.PathLike):

@@ -11,8 +11,8 @@
   (other methods' P is uniform or absent: left out, with a log line, when no selmix trial reported);
 - ``pareto.png``: multi-objective sweeps only, every trial in objective space, the Pareto front joined;
 - ``optuna_*.png``: Optuna's own matplotlib plots of the experiment's study (parameter importances,
-  parallel coordinates, slice, intermediate values), written beside ours when Optuna's matplotlib
-  support imports; each one that cannot be drawn (e.g. importances with under two complete trials) is
+  parallel coordinates, slice, intermediate values), written beside ours with ``optuna=True`` (the CLI's
+  choice) when Optuna's matplotlib support imports; each one that cannot be drawn (e.g. importances with under two complete trials) is
   left out with a log line.
 
 ``objective``: the plots that rank or score trials (per-class, objective vs parameters, pair distribution)
@@ -401,12 +401,13 @@ def plot_optuna(run, directory: str | os.PathLike) -> list[Path]:
     return written
 
 
-def write_plots(run, directory: str | os.PathLike, *, objective: str | None = None, optuna: bool = True
+def write_plots(run, directory: str | os.PathLike, *, objective: str | None = None, optuna: bool = False
                 ) -> list[Path]:
     """Write every plot that applies to ``run`` into ``directory``; returns the written paths.
 
     ``objective``: rank and score trials by it (re-ranked from the stored counts); default the sweep's.
-    ``optuna``: also Optuna's own plots of the study (:func:`plot_optuna`). A plot that does not apply
+    ``optuna``: also Optuna's own plots of the study (:func:`plot_optuna`; imports Optuna, so off by
+    default here; the CLI turns it on). A plot that does not apply
     (no searched parameter, no selmix P, single objective, no trial reported yet) is left out rather than
     drawn empty, with a log line saying why.
     """

@@ -178,6 +178,36 @@ def test_no_reference_to_a_file_the_repository_does_not_have():
     assert broken == [] and seen > 30
 
 
+def test_the_journal_reader_agrees_with_optuna(tmp_path):
+    """Run.df reads the links from the journal without Optuna; Optuna itself is the reference: two studies
+    in one journal, interleaved trials, a trial without a link, and a half-written last line."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from selmix_ray.tune_adapter import read_journal_trial_links
+
+    path = tmp_path / "journal.log"
+    storage = JournalStorage(JournalFileBackend(str(path)))
+    a = optuna.create_study(study_name="a", storage=storage)
+    b = optuna.create_study(study_name="b", storage=storage)
+    for i in range(7):
+        study = a if i % 3 else b
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        if i != 4:
+            trial.set_user_attr("tune_trial_id", f"t{i}")
+        study.tell(trial, 0.5)
+    with path.open("a") as journal:
+        journal.write('{"op_code": 8, "trial_id": 0, "user_a')  # cut off mid-line
+    for name, study in (("a", a), ("b", b)):
+        expected = {t.user_attrs["tune_trial_id"]: t.number for t in optuna.load_study(
+            study_name=name, storage=JournalStorage(JournalFileBackend(str(path)))).trials
+            if "tune_trial_id" in t.user_attrs}
+        assert read_journal_trial_links(path, name) == expected and expected
+    assert read_journal_trial_links(path, "c") == {}  # two studies, none named c
+
+
 # -- real sweeps (Ray) --------------------------------------------------------------------------------------
 
 

@@ -243,7 +243,7 @@ def test_objective_option_rescores_the_points(sweep, drawn, tmp_path):
 @pytest.mark.slow
 def test_write_plots_adds_optunas_own_plots(sweep, tmp_path):
     """README: the plots written beside ours; each a PNG Optuna drew something in."""
-    written = {p.name for p in plots.write_plots(load_run(sweep), tmp_path / "plots")}
+    written = {p.name for p in plots.write_plots(load_run(sweep), tmp_path / "plots", optuna=True)}
     assert {f"optuna_{name}.png" for name in plots.OPTUNA_PLOTS} <= written
     assert {"history.png", "objective_vs_params.png", "per_class_recall.png"} <= written
     for name in written:
