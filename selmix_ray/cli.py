@@ -268,7 +268,6 @@ def cmd_validate(args) -> int:
 
 def _build_features(args):
     from .features import build_features
-    from .progress import log
 
     opts = {}
     for name in ("root", "weights"):
@@ -279,12 +278,12 @@ def _build_features(args):
     if getattr(args, "cut", "penultimate") != "penultimate":
         opts["cut"] = args.cut
     started = time.perf_counter()
-    log(f"features: {args.dataset}, rho={args.rho:g}, backbone={args.backbone} ...")
+    _status(f"features: {args.dataset}, rho={args.rho:g}, backbone={args.backbone} ...")
     features = build_features(args.dataset, rho=args.rho, backbone=args.backbone, cache_dir=args.cache_dir,
                               seed=args.seed, **opts)
     hit = "cache hit" if features.metadata.get("cache_hit") else "built and cached"
-    log(f"features ready in {time.perf_counter() - started:.1f} s ({hit}): "
-        f"{features.n_classes} classes, dim {features.dim}, {len(features.train)} labeled train samples")
+    _status(f"features ready in {time.perf_counter() - started:.1f} s ({hit}): "
+            f"{features.n_classes} classes, dim {features.dim}, {len(features.train)} labeled train samples")
     return features
 
 
@@ -407,10 +406,9 @@ def run_demo() -> int:
     """The default job: MNIST-LT, rho = 100, CNN features (cached), min_recall sweep of 24 trials."""
     args = build_parser().parse_args(["search", str(DEFAULT_SPACE)])
     args.name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    from .progress import log
 
-    log(f"default demo: {DEFAULT_SPACE.relative_to(REPO)} on mnist (rho=100, CNN backbone), "
-        f"{args.num_samples} trials, storage {args.storage}")
+    _status(f"default demo: {DEFAULT_SPACE.relative_to(REPO)} on mnist (rho=100, CNN backbone), "
+            f"{args.num_samples} trials, storage {args.storage}")
     return cmd_search(args)
 
 
@@ -437,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + overrides
     handler = {"search": cmd_search, "resume": cmd_resume, "compare": cmd_compare, "validate": cmd_validate}
     return _guard(lambda: handler[args.command](args))
+
+
+def _status(message: str) -> None:
+    """One of the CLI's own progress lines: INFO on the ``selmix_ray.cli`` logger, shown as ``[run_search] ...``."""
+    logging.getLogger("selmix_ray.cli").info(message)
 
 
 def _show_progress(args) -> None:

@@ -7,7 +7,8 @@ Decisions:
   no handler: a library user sees the lines once they configure logging (``logging.basicConfig(
   level=logging.INFO)``) or call :func:`enable_console`, which is what the CLI does (INFO by default,
   WARNING with ``--quiet``, DEBUG with ``--verbose``). The console handler writes ``[selmix-ray] <message>``
-  to stdout, the lines the demo has always shown.
+  to stdout (``[run_search] <message>`` for the CLI's own logger ``selmix_ray.cli``), the lines the demo
+  has always shown.
 - Progress bars (:func:`bar`): a tqdm bar on an interactive stderr; when stderr is not a terminal (a pipe,
   a log file, a CI job) no carriage-return updates at all, but one INFO line at every 10 % instead.
 - :class:`ProgressCallback` prints one line per finished, failed or retried trial. Its counter counts
@@ -31,6 +32,7 @@ __all__ = ["LOGGER_NAME", "logger", "log", "debug", "enable_console", "bar", "Pr
 
 LOGGER_NAME = "selmix_ray"
 PREFIX = "[selmix-ray] "
+CLI_PREFIX = "[run_search] "  # the CLI's own progress lines, as the demo has always shown them
 logger = logging.getLogger(LOGGER_NAME)
 _CONSOLE_MARK = "_selmix_ray_console"  # attribute that marks the handler enable_console installed
 TICK_FRACTION = 0.1  # without a terminal, a bar logs one line per this fraction of its total
@@ -57,12 +59,20 @@ def enable_console(level: int | str = logging.INFO, *, stream=None) -> logging.H
     if handler is None:
         handler = _StdoutHandler()
         setattr(handler, _CONSOLE_MARK, True)
-        handler.setFormatter(logging.Formatter(PREFIX + "%(message)s"))
+        handler.setFormatter(_PrefixFormatter())
         logger.addHandler(handler)
     handler.fixed_stream = stream
     logger.setLevel(level)
     logger.propagate = False
     return handler
+
+
+class _PrefixFormatter(logging.Formatter):
+    """``[selmix-ray] <message>``; the CLI's own lines (logger ``selmix_ray.cli``) keep ``[run_search]``."""
+
+    def format(self, record) -> str:
+        prefix = CLI_PREFIX if record.name == f"{LOGGER_NAME}.cli" else PREFIX
+        return prefix + record.getMessage()
 
 
 class _StdoutHandler(logging.StreamHandler):

@@ -41,8 +41,9 @@ def test_library_messages_are_silent_until_logging_is_configured():
     assert shown.stderr.strip() == "selmix_ray hello"
     console = _python("from selmix_ray.progress import enable_console, log, debug\n"
                       "enable_console(); log('hello'); debug('detail')\n"
-                      "enable_console('DEBUG'); debug('detail')")
-    assert console.stdout.splitlines() == ["[selmix-ray] hello", "[selmix-ray] detail"]
+                      "enable_console('DEBUG'); debug('detail')\n"
+                      "import logging; logging.getLogger('selmix_ray.cli').info('own line')")
+    assert console.stdout.splitlines() == ["[selmix-ray] hello", "[selmix-ray] detail", "[run_search] own line"]
 
 
 def test_no_print_in_the_library_outside_the_cli():
