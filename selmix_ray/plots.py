@@ -392,8 +392,7 @@ def plot_optuna(run, directory: str | os.PathLike) -> list[Path]:
             if not any(ax.has_data() for ax in axes):
                 log(f"optuna_{name}.png left out: Optuna drew nothing (no trial with data for it).")
                 continue
-            width = 2.8 * len(axes) if name == "slice" else 7.0  # one panel per parameter: room for ticks
-            fig.set_size_inches(max(fig.get_size_inches()[0], width), max(fig.get_size_inches()[1], 4.5))
+            fig.set_size_inches(max(fig.get_size_inches()[0], 7.0), max(fig.get_size_inches()[1], 4.5))
             fig.savefig(directory / f"optuna_{name}.png", format="png", dpi=100, bbox_inches="tight")
             written.append(directory / f"optuna_{name}.png")
         finally:
