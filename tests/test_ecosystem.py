@@ -201,7 +201,7 @@ def test_the_journal_reader_agrees_with_optuna(tmp_path):
         study.tell(trial, 0.5)
     with path.open("a") as journal:
         journal.write('{"op_code": 8, "trial_id": 0, "user_a')  # cut off mid-line
-    for name, study in (("a", a), ("b", b)):
+    for name in ("a", "b"):
         expected = {t.user_attrs["tune_trial_id"]: t.number for t in optuna.load_study(
             study_name=name, storage=JournalStorage(JournalFileBackend(str(path)))).trials
             if "tune_trial_id" in t.user_attrs}
