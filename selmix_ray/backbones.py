@@ -104,7 +104,7 @@ def train_cnn(
 
     Seeded through a forked RNG, so the caller's global torch RNG is left untouched.
     """
-    from tqdm.auto import tqdm
+    from .progress import bar as progress_bar
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -117,7 +117,7 @@ def train_cnn(
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.epochs * steps_per_epoch)
         generator = torch.Generator().manual_seed(seed)
         model.train()
-        bar = tqdm(range(settings.epochs), desc="training CNN backbone", disable=not progress, leave=False)
+        bar = progress_bar(range(settings.epochs), desc="training CNN backbone", enabled=progress, unit="epoch")
         for _ in bar:
             order = torch.randperm(n, generator=generator).to(device)
             total = 0.0

@@ -8,12 +8,27 @@
     python run_search.py validate search_spaces/hmean.yaml
 
 Ray, torch and Optuna are imported only by the subcommands that need them; `validate` starts nothing.
+
+Decisions:
+
+- Output: results (tables, the best trial, where the plots are, the command that resumes) are printed;
+  progress goes through the ``selmix_ray`` logger, which the CLI shows on stdout as ``[selmix-ray] ...``
+  lines (``selmix_ray.progress.enable_console``): INFO by default, warnings only with ``--quiet``, DEBUG
+  and Tune's own status tables with ``--verbose``.
+- Error texts: the library's errors speak Python (``resume('/path')``, ``storage=``), since they are
+  raised for API users. Under the CLI, :func:`cli_text` rewrites those forms into command-line ones
+  (``selmix-ray resume PATH``, ``--storage``) before printing (table :data:`CLI_FORMS`), so one error
+  class serves both and the CLI never shows Python syntax.
+- Commands the CLI suggests name the program as it was started: ``selmix-ray ...`` for the console
+  script, ``python run_search.py ...`` from a checkout.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,6 +53,18 @@ prints the best trial next to the baselines on test and writes plots. Ctrl-C lea
 experiment and prints the command that resumes it.
 """
 
+CALLBACK_CHOICES = ("tensorboard", "mlflow", "wandb")  # selmix_ray.ecosystem.CALLBACK_NAMES, without importing it
+# (pattern, replacement) pairs: Python forms in library errors -> the CLI's forms; {prog} is the program
+CLI_FORMS = (
+    (r"resume\('([^']*)'\)", r"`{prog} resume \1`"),
+    (r"Start it again with search\(\) under a new name", r"Start it again with `{prog} search` and another --name"),
+    (r"or choose another name\.", r"or choose another --name."),
+    (r"run_search\.py / search\(\) created", r"`{prog} search` created"),
+    (r"that search\(\) created", r"that `{prog} search` created"),
+    (r"as storage=\.", r"as --storage."),
+    (r"Pass features= to resume\.", r"Resume it from Python with selmix_ray.resume(PATH, features=...)."),
+)
+
 OVERRIDES_HELP = """\
 key=value overrides of the space file (the value is read as YAML): a plain value fixes a
 FinetuneConfig field (steps=1000, s=5, objective_params='{omega: 20}'; it replaces the field's
@@ -45,9 +72,30 @@ domain if the space searched it), a mapping replaces or adds a searched domain
 (lr='{loguniform: [0.3, 3]}'), and objective=NAME / objectives='[a, b]' set the objective(s)."""
 
 
+def program() -> str:
+    """How the user started the CLI, for the commands it suggests: ``selmix-ray`` or ``python run_search.py``."""
+    return "selmix-ray" if Path(sys.argv[0]).name == "selmix-ray" else "python run_search.py"
+
+
+def cli_text(message: str) -> str:
+    """``message`` with the Python forms of :data:`CLI_FORMS` written as command-line forms."""
+    for pattern, replacement in CLI_FORMS:
+        message = re.sub(pattern, replacement.replace("{prog}", program()), message)
+    return message
+
+
+def _add_output_options(p: argparse.ArgumentParser, *, default=argparse.SUPPRESS) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="show warnings and results only, no progress lines")
+    group.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="show debug lines and Ray Tune's own status tables")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run_search.py", description=DESCRIPTION,
+    parser = argparse.ArgumentParser(prog=Path(sys.argv[0]).name or "selmix-ray", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_output_options(parser, default=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = commands.add_parser("search", help="run a sweep over a search space file",
@@ -59,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_options(p, num_samples=DEMO_NUM_SAMPLES)
     p.add_argument("--name", help="experiment name, a new folder under --storage "
                                   "(default: <space file stem>-<date>-<time>)")
+    _add_output_options(p)
 
     p = commands.add_parser("resume", help="continue an interrupted or finished sweep",
                             description="Continue the experiment at PATH: finished trials stay, unfinished "
@@ -68,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address ('auto', 'host:port', 'ray://...'); "
                                      "default: start a local Ray")
     p.add_argument("--plots", metavar="DIR", help="where to write plots (default: PATH/plots)")
+    _add_output_options(p)
 
     p = commands.add_parser("compare", help="tables and plots of one or more experiments (no Ray)",
                             description="Print each experiment's best trials and baselines, scored by one "
@@ -81,12 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "trials next to the starting head")
     p.add_argument("--importance", action="store_true", help="also print parameter importance from the "
                                                               "Optuna study (slow on large studies)")
+    _add_output_options(p)
 
     p = commands.add_parser("validate", help="check a search-space file without starting anything",
                             description="Check a search-space file (and overrides) and print every problem "
                                         "at once. Exit status 0 when valid, 1 otherwise. Starts no Ray.")
     p.add_argument("space", metavar="FILE", help="search-space YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
+    _add_output_options(p)
     return parser
 
 
@@ -134,6 +186,13 @@ def _add_sweep_options(p: argparse.ArgumentParser, *, num_samples: int) -> None:
                    help="checkpoint every N-th report as well as at ASHA's rungs and the end; a retried trial "
                         "replays at most N-1 reports (default: about 10 checkpoints per trial)")
     p.add_argument("--plots", metavar="DIR", help="where to write plots (default: <experiment>/plots)")
+    p.add_argument("--callback", action="append", choices=CALLBACK_CHOICES, default=[], metavar="NAME",
+                   help="also log every trial with Ray Tune's integration: tensorboard, mlflow or wandb "
+                        "(repeatable; the package must be installed). JSON and CSV results, and TensorBoard "
+                        "files when tensorboardX is installed, are always written")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="stop the sweep after this many seconds (Tune's time_budget_s); unfinished trials "
+                        "can be resumed")
 
 
 # -- space + overrides -----------------------------------------------------------------------------------
@@ -219,19 +278,23 @@ def _build_features(args):
     if getattr(args, "cut", "penultimate") != "penultimate":
         opts["cut"] = args.cut
     started = time.perf_counter()
-    print(f"[run_search] features: {args.dataset}, rho={args.rho:g}, backbone={args.backbone} ...", flush=True)
+    _status(f"features: {args.dataset}, rho={args.rho:g}, backbone={args.backbone} ...")
     features = build_features(args.dataset, rho=args.rho, backbone=args.backbone, cache_dir=args.cache_dir,
                               seed=args.seed, **opts)
     hit = "cache hit" if features.metadata.get("cache_hit") else "built and cached"
-    print(f"[run_search] features ready in {time.perf_counter() - started:.1f} s ({hit}): "
-          f"{features.n_classes} classes, dim {features.dim}, {len(features.train)} labeled train samples",
-          flush=True)
+    _status(f"features ready in {time.perf_counter() - started:.1f} s ({hit}): "
+            f"{features.n_classes} classes, dim {features.dim}, {len(features.train)} labeled train samples")
     return features
 
 
 def cmd_search(args, *, space_path: str | None = None, overrides: list[str] | None = None) -> int:
+    from .ecosystem import missing_package
     from .sweep import search
 
+    missing = [missing_package(name) for name in dict.fromkeys(args.callback) if missing_package(name)]
+    if missing:  # said before the features are built
+        print("error: " + " ".join(missing).replace("leave", "leave --callback"), file=sys.stderr)
+        return 1
     space_path = space_path or args.space
     features = _build_features(args)
     space = load_space_with_overrides(space_path, overrides if overrides is not None else args.overrides,
@@ -246,11 +309,13 @@ def cmd_search(args, *, space_path: str | None = None, overrides: list[str] | No
         run = search(space, features=features, storage=args.storage, name=name, num_samples=args.num_samples,
                      max_concurrent=args.max_concurrent, resources_per_trial=resources,
                      scheduler=args.scheduler, sampler=args.sampler, repeats=args.repeats, seed=args.seed,
-                     address=args.address, checkpoint_every=args.checkpoint_every)
+                     address=args.address, checkpoint_every=args.checkpoint_every,
+                     callbacks=list(dict.fromkeys(args.callback)) or None, time_budget_s=args.time_budget)
     except KeyboardInterrupt:
         _print_interrupted(experiment)
         return 130
-    return _summarise(run, plots=args.plots, num_samples=args.num_samples, seconds=time.perf_counter() - started)
+    return _summarise(run, plots=args.plots, num_samples=args.num_samples, seconds=time.perf_counter() - started,
+                      time_budget=args.time_budget)
 
 
 def cmd_resume(args) -> int:
@@ -282,15 +347,16 @@ def cmd_compare(args) -> int:
 
         for run in comparison.runs:
             folder = Path(args.plots) / run.name if len(comparison.runs) > 1 else Path(args.plots)
-            _print_plots(write_plots(run, folder))
+            _print_plots(write_plots(run, folder, objective=args.objective, optuna=True))
     return 0
 
 
-def _summarise(run, *, plots: str | None, num_samples: int | None, seconds: float | None = None) -> int:
+def _summarise(run, *, plots: str | None, num_samples: int | None, seconds: float | None = None,
+               time_budget: float | None = None) -> int:
     """Print the best trial next to the baselines on test, write the plots, say where.
 
     Exit status 130 when the sweep stopped early (Ctrl-C: Ray Tune catches the first SIGINT, saves the
-    experiment and returns), 0 when it ran every trial.
+    experiment and returns), 0 when it ran every trial or its time budget ran out.
     """
     from .comparison import compare
     from .plots import write_plots
@@ -307,11 +373,15 @@ def _summarise(run, *, plots: str | None, num_samples: int | None, seconds: floa
               f"val/best_objective={best['val/best_objective']:.4f} ({run.objective}); on test at its best "
               f"report: min_recall={best['test_at_best/min_recall']:.4f}, "
               f"mean_recall={best['test_at_best/mean_recall']:.4f}")
-    _print_plots(write_plots(run, Path(plots) if plots else run.path / "plots"))
+    _print_plots(write_plots(run, Path(plots) if plots else run.path / "plots", optuna=True))
+    if stopped and time_budget is not None and seconds is not None and seconds >= time_budget:
+        print(f"[run_search] the time budget of {time_budget:g} s ran out with {len(run.df)} of {num_samples} "
+              f"trials started; continue with: {program()} resume {run.path}")
+        return 0
     if stopped:
         _print_interrupted(run.path)
         return 130
-    print(f"[run_search] compare again with: python run_search.py compare {run.path}")
+    print(f"[run_search] compare again with: {program()} compare {run.path}")
     return 0
 
 
@@ -323,7 +393,7 @@ def _print_plots(paths) -> None:
 
 def _print_interrupted(path) -> None:
     print(f"\n[run_search] the sweep was interrupted; the experiment is kept at {path}.\n"
-          f"[run_search] resume it with: python run_search.py resume {path}", flush=True)
+          f"[run_search] resume it with: {program()} resume {path}", flush=True)
 
 
 def _experiment_path(storage: str, name: str) -> str:
@@ -336,8 +406,9 @@ def run_demo() -> int:
     """The default job: MNIST-LT, rho = 100, CNN features (cached), min_recall sweep of 24 trials."""
     args = build_parser().parse_args(["search", str(DEFAULT_SPACE)])
     args.name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"[run_search] default demo: {DEFAULT_SPACE.relative_to(REPO)} on mnist (rho=100, CNN backbone), "
-          f"{args.num_samples} trials, storage {args.storage}", flush=True)
+
+    _status(f"default demo: {DEFAULT_SPACE.relative_to(REPO)} on mnist (rho=100, CNN backbone), "
+            f"{args.num_samples} trials, storage {args.storage}")
     return cmd_search(args)
 
 
@@ -346,14 +417,16 @@ def main(argv: list[str] | None = None) -> int:
     # Quiet, safe Ray settings, set here (before anything imports ray), never at `import selmix_ray`.
     for key, value in QUIET_RAY_ENV.items():
         os.environ.setdefault(key, value)
-    if not argv:
-        return _guard(run_demo)
     parser = build_parser()
+    if not [a for a in argv if a not in ("-q", "--quiet", "-v", "--verbose")]:  # the demo, maybe -q / -v
+        _show_progress(parser.parse_args(argv))
+        return _guard(run_demo)
     # key=value overrides may come before or after the options: collect those argparse left over.
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    _show_progress(args)
     overrides = [e for e in extra if "=" in e and not e.startswith("-")]
     unknown = [e for e in extra if e not in overrides]
     if unknown or (overrides and not hasattr(args, "overrides")):
@@ -364,13 +437,27 @@ def main(argv: list[str] | None = None) -> int:
     return _guard(lambda: handler[args.command](args))
 
 
+def _status(message: str) -> None:
+    """One of the CLI's own progress lines: INFO on the ``selmix_ray.cli`` logger, shown as ``[run_search] ...``."""
+    logging.getLogger("selmix_ray.cli").info(message)
+
+
+def _show_progress(args) -> None:
+    """Progress lines on stdout: INFO, WARNING with --quiet, DEBUG with --verbose."""
+    from .progress import enable_console
+
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.DEBUG if getattr(args, "verbose", False) \
+        else logging.INFO
+    enable_console(level)
+
+
 def _guard(action) -> int:
-    """Print selmix-ray's errors as one clear message (no traceback) and exit 1."""
+    """Print selmix-ray's errors as one clear message (no traceback, CLI forms: :func:`cli_text`), exit 1."""
     from .errors import SelMixError
 
     try:
         return action()
     except SelMixError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {cli_text(str(err))}", file=sys.stderr)
         return 1
 

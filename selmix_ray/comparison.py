@@ -53,6 +53,8 @@ class Comparison:
             for run in self.runs:
                 part = self.df[self.df["run"] == run.name]
                 objective = self.objective or run.objective
+                tested = [f"test_at_best/{objective}"] if f"test_at_best/{objective}" in part and \
+                    f"test_at_best/{objective}" not in show else []  # e.g. a gmean sweep's test gmean
                 trials = part[part["kind"] == "trial"].sort_values("score", ascending=False, kind="stable")
                 counts = trials["status"].value_counts().to_dict()
                 summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in STATUSES)
@@ -60,13 +62,14 @@ class Comparison:
                              f"{len(trials)} trials: {summary}")
                 config_columns = [c for c in trials.columns if c.startswith("config/")
                                   and trials[c].nunique(dropna=True) > 1]
-                head = trials.head(top)[show + config_columns].astype({"steps_reached": "Int64"}).rename(
+                head = trials.head(top)[show + tested + config_columns].astype({"steps_reached": "Int64"}).rename(
                     columns=lambda c: c.replace("config/", "").replace("test_at_best/", "test "))
                 lines.append(head.to_string(index=False) if not head.empty else "(no trial has reported yet)")
                 base = part[part["kind"] == "baseline"]
                 if not base.empty:
                     lines.append("baselines:")
-                    lines.append(base[["name", "score", "test_at_best/min_recall", "test_at_best/mean_recall"]]
+                    lines.append(base[["name", "score", "test_at_best/min_recall", "test_at_best/mean_recall",
+                                       *tested]]
                                  .rename(columns=lambda c: c.replace("test_at_best/", "test "))
                                  .to_string(index=False))
                 lines.append("")

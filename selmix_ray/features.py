@@ -90,7 +90,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "device": "auto",  # "auto" = CUDA when available
     "batch_size": 256,  # extraction batch size
     "num_threads": "auto",  # torch CPU threads; "auto": 1 for the small CNN and the ERM head fit on CPU, else unchanged
-    "progress": True,  # show progress bars (tqdm, on stderr)
+    "progress": True,  # progress bars (tqdm on a terminal, else log lines: progress.bar)
     "verify": False,  # on a cache hit, also check every file's sha256 (sizes are always checked)
 }
 _CNN_OPTIONS = ("epochs", "lr", "weight_decay", "width", "feature_dim", "train_batch_size", "augment")
@@ -532,13 +532,14 @@ def _extract(prepared, pool, indices, transform, options, device, dtype, maps_dt
     ``maps_dtype_for(values per image)`` gives the storage dtype of the maps.
     """
     import torch
-    from tqdm.auto import tqdm
+
+    from .progress import bar as progress_bar
 
     batch_size = options["batch_size"]
     xs, maps_parts = [], []
     starts = range(0, len(indices), batch_size)
     with torch.inference_mode():
-        for start in tqdm(starts, desc=f"extracting {name}", disable=not options["progress"], leave=False):
+        for start in progress_bar(starts, desc=f"extracting {name}", enabled=options["progress"], unit="batch"):
             batch = torch.from_numpy(np.ascontiguousarray(pool.load(indices[start:start + batch_size]), np.float32))
             x, maps = prepared.extract(transform(batch.to(device)))
             xs.append(x.float().cpu().numpy().astype(dtype))

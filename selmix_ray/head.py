@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import warnings
 from pathlib import Path
 
@@ -82,7 +81,7 @@ def fit_erm_head(
         batch_size: rows per step (all rows when n <= batch_size: full-batch Adam).
         lr: Adam's learning rate (decayed over the last ANNEAL_FRACTION of minibatch fits); weight_decay: Adam's L2 term (weight and bias).
         device: torch device or None (CPU).
-        progress: a tqdm bar on stderr (updated at most every 0.5 s on a terminal, every 10 s otherwise).
+        progress: a tqdm bar on a terminal's stderr, else one log line per 10 % (``progress.bar``).
         num_threads: torch CPU threads during the fit (None: leave torch's setting).
 
     Returns:
@@ -90,9 +89,9 @@ def fit_erm_head(
     """
     import torch
     from torch import nn
-    from tqdm.auto import tqdm
 
     from .device import torch_threads
+    from .progress import bar as progress_bar
 
     device = torch.device("cpu") if device is None else torch.device(device)
     n, d = x.shape
@@ -113,9 +112,7 @@ def fit_erm_head(
         optimizer = torch.optim.Adam([weight, bias], lr=lr, weight_decay=weight_decay)
         full = batch == n
         order, position = None, n
-        interactive = getattr(sys.stderr, "isatty", lambda: False)()
-        bar = tqdm(range(total), desc="fitting the ERM head", disable=not progress, leave=False,
-                   mininterval=0.5 if interactive else 10.0, unit="step")
+        bar = progress_bar(range(total), desc="fitting the ERM head", enabled=progress, unit="step")
         anneal_from = total if full else int(total * (1 - ANNEAL_FRACTION))
         for step in bar:
             if step >= anneal_from:  # minibatch noise: cosine decay to 0 over the last steps

@@ -169,7 +169,21 @@ class Run:
                 df[column] = pd.Series(dtype=float)
         config_columns = sorted(c for c in df.columns if c.startswith("config/"))
         df = df[columns + config_columns]
+        df.insert(1, "optuna_trial", df["trial_id"].map(self._optuna_numbers()).astype("Int64"))
         return df.sort_values("start_time", kind="stable").reset_index(drop=True)
+
+    @property
+    def study(self):
+        """The experiment's Optuna study, loaded from its journal (needs Optuna); for reading."""
+        from .ecosystem import load_study
+
+        return load_study(self.path, self.name)
+
+    def result_grid(self):
+        """Ray Tune's ``ResultGrid`` of this experiment (needs Ray installed; starts nothing)."""
+        from .ecosystem import result_grid
+
+        return result_grid(self.path)
 
     @property
     def table(self):
@@ -326,6 +340,15 @@ class Run:
         return dict(optuna.importance.get_param_importances(study, target=target))
 
     # -- helpers --------------------------------------------------------------------------------------
+
+    def _optuna_numbers(self) -> dict[str, int]:
+        """{Tune trial id: Optuna trial number}, {} when the study cannot be read (selmix_ray.ecosystem)."""
+        from .ecosystem import optuna_trial_numbers
+
+        try:
+            return optuna_trial_numbers(self.path, self.name)
+        except OSError:  # unreadable journal: the column stays empty
+            return {}
 
     def _trial_dir(self, trial_id: str) -> Path:
         if trial_id not in self.trial_dirs:

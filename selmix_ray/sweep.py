@@ -97,6 +97,9 @@ def search(
     seed: int = 0,
     address: str | None = None,
     checkpoint_every: int | None = None,
+    callbacks: list | None = None,
+    time_budget_s: float | None = None,
+    stop=None,
 ):
     """Run a sweep of ``num_samples`` trials and return its ``results.Run``.
 
@@ -118,8 +121,14 @@ def search(
             rungs and at its last step); default: ceil(reports / 10), about 10 checkpoints per trial.
             1 checkpoints every report (a retry then replays nothing, but each report writes the
             whole history). Kept in the manifest, so ``resume`` uses the same.
+        callbacks: Ray Tune callbacks to add, objects or the names "tensorboard", "mlflow", "wandb"
+            (selmix_ray.ecosystem). JSON and CSV results, and TensorBoard files when tensorboardX is
+            installed, are always written.
+        time_budget_s: stop the sweep after this many seconds (Tune's TuneConfig.time_budget_s).
+        stop: Tune's RunConfig.stop (dict, function or Stopper); a trial it ends early counts as pruned.
     """
     _check_features(features)
+    _check_tune_options(callbacks=callbacks, time_budget_s=time_budget_s, stop=stop)
     search_space = _load_space_checked(space, features)
     options = _check_search_options(num_samples=num_samples, max_concurrent=max_concurrent,
                                     resources_per_trial=resources_per_trial, scheduler=scheduler, sampler=sampler,
@@ -145,7 +154,8 @@ def search(
         from ray import tune
 
         journal = local_journal(location)
-        tune_config, run_config = _tuner_configs(search_space, manifest, location, journal)
+        tune_config, run_config = _tuner_configs(search_space, manifest, location, journal, callbacks=callbacks,
+                                                 time_budget_s=time_budget_s, stop=stop)
         tuner = tune.Tuner(_trainable(features, search_space, manifest, location), tune_config=tune_config,
                            run_config=run_config)
         _fit(tuner, location, journal)
@@ -250,6 +260,14 @@ def _check_search_options(*, num_samples, max_concurrent, resources_per_trial, s
             "checkpoint_every": None if checkpoint_every is None else int(checkpoint_every)}
 
 
+def _check_tune_options(*, callbacks, time_budget_s, stop) -> None:
+    from .ecosystem import callback_problems, stop_problems
+
+    problems = callback_problems(callbacks) + stop_problems(time_budget_s=time_budget_s, stop=stop)
+    if problems:
+        raise ConfigError(problems, where="search options")
+
+
 def _check_features(features) -> None:
     from .featureset import FeatureSet
 
@@ -297,12 +315,17 @@ def _trainable(features, search_space, manifest, location):
     return tune.with_resources(trainable, resources)
 
 
-def _tuner_configs(search_space, manifest, location, journal: Path):
-    """(TuneConfig, RunConfig): OptunaSearch + ASHA (or none), quiet loggers, retries, snapshots."""
+def _tuner_configs(search_space, manifest, location, journal: Path, *, callbacks=None, time_budget_s=None,
+                   stop=None):
+    """(TuneConfig, RunConfig): OptunaSearch + ASHA (or none), loggers and callbacks, retries, snapshots."""
+    import logging
+
     import optuna
     from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search import ConcurrencyLimiter
+
+    from .ecosystem import tune_callbacks
+    from .progress import debug, logger
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     metrics = manifest["metrics"]
@@ -328,19 +351,21 @@ def _tuner_configs(search_space, manifest, location, journal: Path):
     if manifest["scheduler"] == "asha":
         scheduler = _asha(metric=metrics[0], steps=manifest["steps"], eval_every=manifest["eval_every"])
     tune_config = tune.TuneConfig(search_alg=search_alg, scheduler=scheduler,
-                                  num_samples=manifest["num_samples"], reuse_actors=True)
+                                  num_samples=manifest["num_samples"], reuse_actors=True, time_budget_s=time_budget_s)
+    loggers = tune_callbacks(callbacks, name=manifest["name"])
+    debug("Tune callbacks: " + ", ".join(type(c).__name__ for c in loggers))
     run_config = tune.RunConfig(
         name=location.name,
         storage_path=location.storage,
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        stop=stop,
         callbacks=[
-            JsonLoggerCallback(),
-            CSVLoggerCallback(),
+            *loggers,
             SnapshotCallback(location, journal, scheduler),
             ProgressCallback(num_samples=manifest["num_samples"], steps=manifest["steps"], metric=metrics[0]),
         ],
-        verbose=0,
+        verbose=1 if logger.isEnabledFor(logging.DEBUG) else 0,  # Tune's own tables at DEBUG (--verbose)
     )
     return tune_config, run_config
 

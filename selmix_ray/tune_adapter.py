@@ -12,7 +12,10 @@ What selmix-ray relies on beyond their public APIs, and the function or class th
   (:func:`quiet_snapshot_warning`);
 - the layout of Tune's ``experiment_state-<time>.json`` files: ``{"trial_data": [[trial_json,
   runtime_json], ...]}`` with ``trial_id``, ``status`` and ``relative_logdir`` in the trial's JSON and
-  ``num_failures`` in the runtime JSON (:func:`parse_experiment_state`, :func:`read_trial_states`).
+  ``num_failures`` in the runtime JSON (:func:`parse_experiment_state`, :func:`read_trial_states`);
+- the lines of Optuna's journal file (JSON objects with ``op_code`` 0 create study, 4 create trial, 8 set
+  a trial's user attribute; trial ids global, numbers per study, both in creation order), read without
+  importing Optuna so that ``results`` stays Optuna-free (:func:`read_journal_trial_links`).
 
 ``tests/test_tune_adapter.py`` checks each of these on the installed versions and that those are within
 :data:`TESTED_VERSIONS`; when one fails it names the function here to revisit.
@@ -49,6 +52,8 @@ __all__ = [
     "experiment_state_files",
     "parse_experiment_state",
     "read_trial_states",
+    "TUNE_TRIAL_ID_ATTR",
+    "read_journal_trial_links",
 ]
 
 # package -> (lowest tested, first untested) release: [low, high). Widen only after the adapter tests pass.
@@ -56,6 +61,7 @@ TESTED_VERSIONS = {"ray": ((2, 60), (2, 61)), "optuna": ((5, 1), (5, 2))}
 EXPERIMENT_STATE_PREFIX = "experiment_state-"  # Tune's CKPT_FILE_TMPL "experiment_state-{}.json"
 SNAPSHOT_WARNING = "snapshotting has been triggered multiple times"  # part of Tune's warning text
 SNAPSHOT_LOGGER = "ray.tune.execution.experiment_state"  # the module that logs it
+TUNE_TRIAL_ID_ATTR = "tune_trial_id"  # the Optuna user attribute that holds a trial's Tune trial id
 _LAZY_CLASSES = ("StudySearch", "PicklableNSGAIISampler", "SnapshotCallback")
 
 
@@ -127,6 +133,41 @@ def read_trial_states(folder: str | os.PathLike) -> dict[str, TuneTrialState]:
     return {}
 
 
+# -- Optuna's journal (no Optuna needed) ---------------------------------------------------------------
+
+_CREATE_STUDY, _CREATE_TRIAL, _SET_TRIAL_USER_ATTR = 0, 4, 8  # optuna.storages.journal JournalOperation
+
+
+def read_journal_trial_links(path: str | os.PathLike, study_name: str) -> dict[str, int]:
+    """{Tune trial id: Optuna trial number} from the :data:`TUNE_TRIAL_ID_ATTR` user attributes in the
+    journal file at ``path``, for the study ``study_name`` (the only study when none has that name).
+
+    A line that is not JSON (a sweep writing its last line) is skipped; {} when nothing links.
+    """
+    studies: list[str] = []  # study id -> name
+    trials: list[tuple[int, int]] = []  # global trial id -> (study id, number in its study)
+    per_study: dict[int, int] = {}
+    attrs: dict[int, str] = {}  # global trial id -> Tune trial id
+    with open(path, encoding="utf-8") as journal:
+        for line in journal:
+            try:
+                op = json.loads(line)
+            except ValueError:
+                continue
+            code = op.get("op_code") if isinstance(op, dict) else None
+            if code == _CREATE_STUDY:
+                studies.append(op.get("study_name"))
+            elif code == _CREATE_TRIAL and isinstance(op.get("study_id"), int):
+                study = op["study_id"]
+                trials.append((study, per_study.get(study, 0)))
+                per_study[study] = per_study.get(study, 0) + 1
+            elif code == _SET_TRIAL_USER_ATTR and TUNE_TRIAL_ID_ATTR in (op.get("user_attr") or {}):
+                attrs[op.get("trial_id")] = op["user_attr"][TUNE_TRIAL_ID_ATTR]
+    wanted = studies.index(study_name) if study_name in studies else (0 if len(studies) == 1 else None)
+    return {tune_id: trials[trial][1] for trial, tune_id in attrs.items()
+            if isinstance(trial, int) and trial < len(trials) and trials[trial][0] == wanted}
+
+
 # -- logging -------------------------------------------------------------------------------------------
 
 
@@ -194,7 +235,8 @@ def _define_searcher() -> None:
     from ray.tune.search.optuna import OptunaSearch
 
     class StudySearch(OptunaSearch):
-        """OptunaSearch that tells PRUNED trials, tolerates re-told trials and fails orphans on restore.
+        """OptunaSearch that tells PRUNED trials, tolerates re-told trials and fails orphans on restore;
+        each Optuna trial carries its Tune trial id as the user attribute :data:`TUNE_TRIAL_ID_ATTR`.
 
         Args (besides OptunaSearch's): steps, the sweep's step count: a trial that ends before it was
         stopped by the scheduler and is told PRUNED (no value; telling PRUNED with a value raises in Optuna).
@@ -213,6 +255,13 @@ def _define_searcher() -> None:
             self._steps = steps
             self._in_snapshot: set[str] = set()  # trial ids the last snapshot knows
             self._untold: dict[str, dict] = {}  # trial id -> tell kwargs, held until the next snapshot
+
+        def suggest(self, trial_id: str):
+            asked_before = trial_id in self._ot_trials
+            config = super().suggest(trial_id)
+            if not asked_before and trial_id in self._ot_trials:  # the link Run.df and the study share
+                self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID_ATTR, trial_id)
+            return config
 
         def save(self, checkpoint_path: str) -> None:
             for trial_id, outcome in self._untold.items():  # Tune wrote this snapshot's trial states before

@@ -121,7 +121,7 @@ def test_per_class_draws_the_reference_and_the_best_trials_recall_with_the_tail_
 @pytest.mark.slow
 def test_objective_vs_params_draws_each_searched_parameter_against_the_score(sweep, drawn, tmp_path):
     run = load_run(sweep)
-    path = plots.plot_objective_vs_params(run, tmp_path / "p.png")
+    path = plots.plot_objective_vs_params(run, tmp_path / "p.png", params=("s", "refresh_every"))
     assert _png_size(path) == (1000, 400)  # two panels of 5 x 4 inches
     axes = drawn["p.png"].axes
     assert [ax.get_xlabel() for ax in axes] == ["s", "refresh_every"]
@@ -142,7 +142,7 @@ def test_pair_distribution_draws_P_of_the_best_trial_that_has_one(sweep, drawn, 
     assert _png_size(path) == (600, 500)
     ax = drawn["P.png"].axes[0]
     reports = _last_reports(sweep)
-    for trial_id in _ranked(reports):  # best first; erm trials have no P
+    for trial_id in [t for t in _ranked(reports) if reports[t]["params"]["method"] == "selmix"]:  # best first
         newest = sorted(reports[trial_id]["folder"].glob("checkpoint_*"))[-1]
         best_p = json.loads((newest / HISTORY_FILE).read_text())["best_p"]
         if best_p is not None:
@@ -174,3 +174,90 @@ def test_write_plots_writes_nothing_for_an_experiment_without_reports(tmp_path):
     (experiment / MANIFEST_FILE).write_text(json.dumps({"format": 1, "name": "empty", "objectives": ["gmean"]}))
     assert plots.write_plots(load_run(experiment), tmp_path / "plots") == []
     assert not (tmp_path / "plots").exists()
+
+
+def _marker_of(collection) -> str:
+    """The marker name a scatter collection was drawn with ('o', 'x', ...), read back from its path."""
+    from matplotlib.markers import MarkerStyle
+
+    path = collection.get_paths()[0]
+    for name in ("o", "x", "s", "^"):
+        style = MarkerStyle(name)
+        vertices = style.get_path().transformed(style.get_transform()).vertices
+        if vertices.shape == path.vertices.shape and np.allclose(vertices, path.vertices):
+            return name
+    return "?"
+
+
+@pytest.mark.slow
+def test_objective_vs_params_draws_every_searched_parameter_with_status_markers(sweep, drawn, tmp_path):
+    """Every parameter of the space, choices as categories; pruned trials as 'x', complete as 'o'; one
+    distinct (colour, linestyle) per baseline, at its stored score."""
+    run = load_run(sweep)
+    plots.plot_objective_vs_params(run, tmp_path / "all.png")
+    fig = drawn["all.png"]
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    space = json.loads((sweep / MANIFEST_FILE).read_text())["space"]["space"]
+    assert [ax.get_xlabel() for ax in axes] == list(space) and len(space) == 5  # lr, method, posthoc, ...
+    reports = _last_reports(sweep)
+    status = {t: ("complete" if r["step"] >= 60 else "pruned") for t, r in reports.items()}
+    for ax in axes:
+        param = ax.get_xlabel()
+        if "choice" in space[param]:
+            names = [t.get_text() for t in ax.get_xticklabels()]
+            assert set(names) == {str(r["params"][param]) for r in reports.values() if param in r["params"]}
+            # each point sits within 0.15 of its category's tick, at its score
+            got = sorted((names[round(x)], y) for x, y in _points(ax).tolist())
+            want = sorted((str(r["params"][param]), r[SCORE_KEY]) for r in reports.values() if param in r["params"])
+            assert [g[0] for g in got] == [w[0] for w in want]
+            np.testing.assert_allclose([g[1] for g in got], [w[1] for w in want], rtol=0, atol=1e-12)
+        by_marker = {}
+        for collection in ax.collections:
+            by_marker.setdefault(_marker_of(collection), []).extend(np.asarray(collection.get_offsets())[:, 1])
+        for marker, state in (("o", "complete"), ("x", "pruned")):
+            expected = sorted(r[SCORE_KEY] for t, r in reports.items() if status[t] == state and param in r["params"])
+            np.testing.assert_allclose(sorted(by_marker.get(marker, [])), expected, rtol=0, atol=1e-12)
+    stored = json.loads((sweep / BASELINES_FILE).read_text())["baselines"]
+    lines = [line for line in axes[0].lines if len(set(line.get_ydata())) == 1 and len(line.get_xdata()) == 2
+             and line.get_linestyle() != "-"]
+    assert sorted(line.get_ydata()[0] for line in lines) == pytest.approx(
+        sorted(record["metrics"][SCORE_KEY] for record in stored.values()), abs=1e-12)
+    styles = {(line.get_color(), line.get_linestyle()) for line in lines}
+    assert len(styles) == len(stored) == len({c for c, _ in styles})  # distinct colours and pairs
+    legend = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert {"complete", "pruned", *(f"baseline {n}" for n in stored)} <= legend
+
+
+@pytest.mark.slow
+def test_objective_option_rescores_the_points(sweep, drawn, tmp_path):
+    run = load_run(sweep)
+    plots.plot_objective_vs_params(run, tmp_path / "g.png", params=("lr",), objective="gmean")
+    (ax,) = [ax for ax in drawn["g.png"].axes if ax.get_visible()]
+    ranked = run.rerank("gmean").set_index("trial_id")["val/best_gmean"]
+    reports = _last_reports(sweep)
+    expected = sorted((r["params"]["lr"], ranked[t]) for t, r in reports.items())
+    np.testing.assert_allclose(sorted(map(tuple, _points(ax).tolist())), expected, rtol=0, atol=1e-12)
+    assert "gmean" in ax.get_ylabel()
+
+
+@pytest.mark.slow
+def test_write_plots_adds_optunas_own_plots(sweep, tmp_path):
+    """README: the plots written beside ours; each a PNG Optuna drew something in."""
+    written = {p.name for p in plots.write_plots(load_run(sweep), tmp_path / "plots", optuna=True)}
+    assert {f"optuna_{name}.png" for name in plots.OPTUNA_PLOTS} <= written
+    assert {"history.png", "objective_vs_params.png", "per_class_recall.png"} <= written
+    for name in written:
+        width, height = _png_size(tmp_path / "plots" / name)
+        assert width >= 300 and height >= 200
+
+
+def test_titles_are_wrapped_to_the_figure_width():
+    fig = plots._figure(5.0, 4.0)
+    ax = fig.add_subplot()
+    plots._title(ax, "a-very-long-experiment-name-with-a-date-20260101-120000: per-class test recall at each "
+                     "trial's best report, best by gmean", width_in=5.0)
+    lines = ax.get_title().splitlines()
+    assert len(lines) >= 2 and all(len(line) <= 5.0 * plots.TITLE_CHARS_PER_INCH for line in lines)
+    fig.canvas.draw()  # the wrapped title fits inside the figure
+    box = ax.title.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width
