@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "trials next to the starting head")
     p.add_argument("--importance", action="store_true", help="also print parameter importance from the "
                                                               "Optuna study (slow on large studies)")
+    p.add_argument("--select", choices=["max", "lcb"], help="rank trials by this selection rule instead of each "
+                   "experiment's own: max (highest validation value) or lcb (highest lower confidence bound)")
+    p.add_argument("--no-intervals", action="store_true", help="leave out confidence intervals, P(beats the best "
+                   "baseline) and the verdict (faster on very large experiments)")
     _add_output_options(p)
 
     p = commands.add_parser("validate", help="check a search-space file without starting anything",
@@ -190,6 +194,8 @@ def _add_sweep_options(p: argparse.ArgumentParser, *, num_samples: int) -> None:
                    help="also log every trial with Ray Tune's integration: tensorboard, mlflow or wandb "
                         "(repeatable; the package must be installed). JSON and CSV results, and TensorBoard "
                         "files when tensorboardX is installed, are always written")
+    p.add_argument("--select", choices=["max", "lcb"], help="how the winner is chosen: max (highest validation "
+                   "value) or lcb (highest lower 90%% confidence bound); default: the space's 'select', else max")
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="stop the sweep after this many seconds (Tune's time_budget_s); unfinished trials "
                         "can be resumed")
@@ -310,7 +316,8 @@ def cmd_search(args, *, space_path: str | None = None, overrides: list[str] | No
                      max_concurrent=args.max_concurrent, resources_per_trial=resources,
                      scheduler=args.scheduler, sampler=args.sampler, repeats=args.repeats, seed=args.seed,
                      address=args.address, checkpoint_every=args.checkpoint_every,
-                     callbacks=list(dict.fromkeys(args.callback)) or None, time_budget_s=args.time_budget)
+                     callbacks=list(dict.fromkeys(args.callback)) or None, time_budget_s=args.time_budget,
+                     select=getattr(args, "select", None))
     except KeyboardInterrupt:
         _print_interrupted(experiment)
         return 130
@@ -332,12 +339,14 @@ def cmd_resume(args) -> int:
 def cmd_compare(args) -> int:
     from .comparison import compare
 
-    comparison = compare(args.paths, objective=args.objective)
+    comparison = compare(args.paths, objective=args.objective, select=args.select, intervals=not args.no_intervals)
     print(comparison.to_string(top=args.top))
     for run in comparison.runs:
         if args.per_class:
-            print(f"== {run.name}: per-class test recall (at each trial's best report)")
-            print(run.per_class(top=min(args.top, 3)).to_string(float_format="{:.3f}".format))
+            print(f"== {run.name}: per-class test recall (at each trial's best report)"
+                  + ("" if args.no_intervals else ", with 90% Wilson intervals"))
+            print(run.per_class(top=min(args.top, 3), intervals=not args.no_intervals)
+                  .to_string(float_format="{:.3f}".format))
         if args.importance:
             print(f"== {run.name}: parameter importance")
             for name, value in run.importance().items():
@@ -369,9 +378,11 @@ def _summarise(run, *, plots: str | None, num_samples: int | None, seconds: floa
     print(comparison.to_string(top=5))
     best = run.best
     if best is not None:
-        print(f"[run_search] best trial {best['trial_id']} ({best['status']}): "
-              f"val/best_objective={best['val/best_objective']:.4f} ({run.objective}); on test at its best "
-              f"report: min_recall={best['test_at_best/min_recall']:.4f}, "
+        interval = (f" [90% CI {best['val/ci_low']:.3f}, {best['val/ci_high']:.3f}]"
+                    if best.get("val/ci_low") == best.get("val/ci_low") else "")  # NaN: no history to resample
+        print(f"[run_search] best trial {best['trial_id']} ({best['status']}, select: {run.select}): "
+              f"val/best_objective={best['val/best_objective']:.4f}{interval} ({run.objective}); on test at its "
+              f"best report: min_recall={best['test_at_best/min_recall']:.4f}, "
               f"mean_recall={best['test_at_best/mean_recall']:.4f}")
     _print_plots(write_plots(run, Path(plots) if plots else run.path / "plots", optuna=True))
     if stopped and time_budget is not None and seconds is not None and seconds >= time_budget:

@@ -127,6 +127,13 @@ def plot_history(run, path: str | os.PathLike) -> Path:
         if mask.any():
             ax.scatter(order[mask], df[SCORE_KEY].to_numpy(dtype=float)[mask], s=22, color=colour, label=status)
     scores = df[SCORE_KEY].to_numpy(dtype=float)
+    if "val/ci_low" in df:  # the 90% confidence interval of each trial's score (selmix_ray.confidence)
+        low, high = df["val/ci_low"].to_numpy(dtype=float), df["val/ci_high"].to_numpy(dtype=float)
+        shown = np.isfinite(low) & np.isfinite(high) & np.isfinite(scores)
+        if shown.any():
+            yerr = np.stack([np.clip(scores - low, 0, None), np.clip(high - scores, 0, None)])[:, shown]
+            ax.errorbar(order[shown], scores[shown], yerr=yerr, fmt="none", ecolor="0.55", elinewidth=0.8,
+                        capsize=2, label="90% CI", zorder=1)
     if np.isfinite(scores).any():
         running = np.fmax.accumulate(np.where(np.isfinite(scores), scores, -np.inf))
         running[~np.isfinite(running)] = np.nan
@@ -148,8 +155,9 @@ def plot_per_class(run, path: str | os.PathLike, *, top: int = 3, split: str = "
     """Per-class recall bars of the ``top`` best trials (under ``objective``, default the sweep's) next to the
     starting head; tail classes shaded."""
     trial_ids = None if objective in (None, run.objective) else _ranked_trials(run, objective)[:top]
-    table = run.per_class(trial_ids, top=top, split=split)
-    labels = [c for c in table.columns if c not in ("band", "train_count") and " - " not in c]
+    table = run.per_class(trial_ids, top=top, split=split, intervals=True)
+    labels = [c for c in table.columns if c not in ("band", "train_count") and " - " not in c
+              and not c.endswith((" low", " high"))]
     K = len(table)
     width_in = max(7.0, 0.45 * K * max(len(labels), 1) / 2)
     fig = _figure(width_in, 4.5)
@@ -158,7 +166,11 @@ def plot_per_class(run, path: str | os.PathLike, *, top: int = 3, split: str = "
     x = np.arange(K)
     for i, label in enumerate(labels):
         name = f"{label} (reference)" if i == 0 and label in run.baselines else label
-        ax.bar(x + (i - (len(labels) - 1) / 2) * width, table[label].to_numpy(dtype=float), width, label=name)
+        recall = table[label].to_numpy(dtype=float)
+        yerr = np.stack([np.clip(recall - table[f"{label} low"].to_numpy(dtype=float), 0, None),
+                         np.clip(table[f"{label} high"].to_numpy(dtype=float) - recall, 0, None)])
+        ax.bar(x + (i - (len(labels) - 1) / 2) * width, recall, width, label=name, yerr=yerr,
+               error_kw={"elinewidth": 0.6, "capsize": 1.5, "ecolor": "0.3"})
     for k in np.flatnonzero((table["band"] == "tail").to_numpy()):
         ax.axvspan(k - 0.5, k + 0.5, color="tab:red", alpha=0.08, linewidth=0)
     ax.set_xticks(x)

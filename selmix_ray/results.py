@@ -122,6 +122,7 @@ class Run:
     trial_rows: list[dict[str, Any]]
     trial_dirs: dict[str, Path]
     baselines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    with_intervals: bool = True  # Run.df carries the confidence columns (selmix_ray.confidence)
     _histories: dict[str, TrialHistory] = field(default_factory=dict, repr=False)
 
     # -- what the sweep was ---------------------------------------------------------------------------
@@ -170,7 +171,42 @@ class Run:
         config_columns = sorted(c for c in df.columns if c.startswith("config/"))
         df = df[columns + config_columns]
         df.insert(1, "optuna_trial", df["trial_id"].map(self._optuna_numbers()).astype("Int64"))
+        if self.with_intervals:
+            from .confidence import join_intervals
+
+            df = join_intervals(df, self.intervals())
         return df.sort_values("start_time", kind="stable").reset_index(drop=True)
+
+    @property
+    def select(self) -> str:
+        """The selection rule of the experiment ("max" or "lcb"; module selmix_ray.confidence)."""
+        from .confidence import selection_rule
+
+        return selection_rule(self.manifest)
+
+    def intervals(self, objective: str | None = None, **options):
+        """Per-trial confidence columns (:func:`selmix_ray.confidence.trial_intervals`; ``options``: level,
+        resamples, seed). The default call is computed once per Run."""
+        from .confidence import trial_intervals
+
+        if objective is None and not options:
+            if "_intervals" not in self.__dict__:
+                self.__dict__["_intervals"] = trial_intervals(self)
+            return self.__dict__["_intervals"]
+        return trial_intervals(self, objective=objective, **options)
+
+    def baseline_intervals(self, objective: str | None = None, **options):
+        """Per-baseline val/test intervals (:func:`selmix_ray.confidence.baseline_intervals`)."""
+        from .confidence import baseline_intervals
+
+        return baseline_intervals(self, objective=objective, **options)
+
+    def verdicts(self, trial_id: str | None = None, **options):
+        """{"validation": Verdict, "test": Verdict}: the selected trial (or ``trial_id``) against the best
+        baseline (:func:`selmix_ray.confidence.best_verdicts`); {} without a baseline."""
+        from .confidence import best_verdicts
+
+        return best_verdicts(self, trial_id, **options)
 
     @property
     def study(self):
@@ -202,11 +238,18 @@ class Run:
 
     @property
     def best(self) -> dict[str, Any] | None:
-        """The trial with the highest ``val/best_objective`` (ties: the earliest), as a row dict."""
-        df = self.df[self.df[SCORE_KEY].notna()]
+        """The trial the selection rule picks (:attr:`select`; "max": the highest ``val/best_objective``,
+        "lcb": the highest ``val/lcb``; ties: the earliest), as a row dict."""
+        from .confidence import join_intervals, rank_key
+
+        key = rank_key(self.select)
+        df = self.df
+        if key not in df:  # Run built with with_intervals=False: the lcb column is computed here
+            df = join_intervals(df, self.intervals())
+        df = df[df[SCORE_KEY].notna() & df[key].notna()]
         if df.empty:
             return None
-        return df.loc[df[SCORE_KEY].idxmax()].to_dict()
+        return df.loc[df[key].idxmax()].to_dict()
 
     def config(self, trial_id: str) -> dict[str, Any]:
         """The trial's Tune config (sampled values and the space's fixed values)."""
@@ -279,7 +322,7 @@ class Run:
         return df.sort_values(f"val/best_{objective}", ascending=False, kind="stable").reset_index(drop=True)
 
     def per_class(self, trial_ids: list[str] | None = None, *, reference: str | None = None,
-                  split: str = "test", top: int = 3):
+                  split: str = "test", top: int = 3, intervals: bool = False):
         """Per-class recall (at each trial's best report) side by side, with head/tail bands.
 
         Args:
@@ -287,15 +330,19 @@ class Run:
             reference: a trial id or a baseline name the differences are taken from (default: the
                 "start" baseline (the starting head) if there is one, else the first trial shown).
             split: "test" or "val".
+            intervals: also ``<label> low`` / ``<label> high``, the 90% Wilson interval of each recall.
 
         Returns:
             DataFrame indexed by class with columns ``band`` (head/tail), ``train_count``, one recall
-            column per trial / reference, and ``<label> - <reference>`` differences.
+            column per trial / reference (and its interval), and ``<label> - <reference>`` differences.
         """
         import pandas as pd
 
         if trial_ids is None:
-            ranked = self.df[self.df[SCORE_KEY].notna()].sort_values(SCORE_KEY, ascending=False, kind="stable")
+            from .confidence import rank_key
+
+            key = rank_key(self.select) if rank_key(self.select) in self.df else SCORE_KEY
+            ranked = self.df[self.df[SCORE_KEY].notna()].sort_values(key, ascending=False, kind="stable")
             trial_ids = list(ranked["trial_id"][:top])
         columns: dict[str, np.ndarray] = {}
         for trial_id in trial_ids:
@@ -315,6 +362,10 @@ class Run:
         df["train_count"] = counts if counts is not None else np.nan
         for label, recall in columns.items():
             df[label] = recall
+            if intervals:
+                from .confidence import per_class_intervals
+
+                df[f"{label} low"], df[f"{label} high"] = per_class_intervals(self, label, split).T
         for label in columns:
             if label != reference:
                 df[f"{label} - {reference}"] = df[label] - df[reference]
@@ -369,8 +420,11 @@ class Run:
         return history.recall(index, split)
 
 
-def load_run(path: str | os.PathLike) -> Run:
+def load_run(path: str | os.PathLike, *, intervals: bool = True) -> Run:
     """Read an experiment directory (finished, running or interrupted) without Ray.
+
+    ``intervals=False`` leaves the confidence columns out of ``Run.df`` (they cost a bootstrap per trial:
+    about 10 ms at K = 10, more at K = 1000; module selmix_ray.confidence).
 
     Raises:
         ExperimentError: the path does not exist, is not a selmix-ray experiment, or its manifest is corrupted.
@@ -403,7 +457,8 @@ def load_run(path: str | os.PathLike) -> Run:
             continue
         dirs[row["trial_id"]] = folder
         rows.append(row)
-    return Run(path=path, manifest=manifest, trial_rows=rows, trial_dirs=dirs, baselines=baselines)
+    return Run(path=path, manifest=manifest, trial_rows=rows, trial_dirs=dirs, baselines=baselines,
+               with_intervals=intervals)
 
 
 # -- reading Tune's files ------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 A space file reads::
 
     objective: min_recall                # or  objectives: [min_recall, mean_recall]  (multi-objective)
+    select: max                          # or lcb: how the winner is chosen (selmix_ray.confidence)
     space:
       method: {choice: [selmix, uniform_mixup]}
       s:      {loguniform: [0.1, 100], when: {method: selmix}}
@@ -38,7 +39,8 @@ __all__ = ["Param", "SearchSpace", "DefineByRun", "load_space"]
 
 DOMAINS = ("uniform", "loguniform", "int", "choice")
 FIXED_ONLY = ("steps", "eval_every", "objective_params")  # may appear under `fixed` only
-TOP_LEVEL_KEYS = ("objective", "objectives", "space", "fixed")
+TOP_LEVEL_KEYS = ("objective", "objectives", "select", "space", "fixed")
+SELECTION_RULES = ("max", "lcb")  # as selmix_ray.verdicts.SELECTION_RULES (test_space checks they agree)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ class SearchSpace:
     params: tuple[Param, ...]
     fixed: dict[str, Any]
     source: str | None = None  # the file it was read from, if any
+    select: str = "max"  # the selection rule: "max" or "lcb" (selmix_ray.confidence)
 
     @property
     def objective(self) -> str:
@@ -142,6 +145,8 @@ class SearchSpace:
             out["objectives"] = list(self.objectives)
         else:
             out["objective"] = self.objective
+        if self.select != "max":  # absent for "max", so spaces written before the key compare equal
+            out["select"] = self.select
         out["space"] = {p.name: p.to_dict() for p in sorted(self.params, key=lambda p: p.name)}
         out["fixed"] = {k: self.fixed[k] for k in sorted(self.fixed)}
         return json.loads(json.dumps(out))
@@ -152,6 +157,7 @@ class SearchSpace:
             spec = json.dumps(p.to_dict())
             lines.append(f"  {p.name}: {spec}")
         lines.append(f"fixed: {json.dumps(self.fixed)}")
+        lines.append(f"select: {self.select}")
         return "\n".join(lines)
 
 
@@ -237,6 +243,10 @@ def _parse(raw: Any, *, has_maps: bool | None) -> tuple[SearchSpace | None, list
                         "'space' or 'fixed'.")
 
     objectives = _parse_objectives(raw, problems)
+    select = raw.get("select", "max")
+    if select not in SELECTION_RULES:
+        problems.append(f"select must be one of {', '.join(SELECTION_RULES)} (max: the highest validation value; "
+                        f"lcb: the highest lower confidence bound), but got {select!r}.")
 
     fixed_raw = raw.get("fixed") or {}
     if not isinstance(fixed_raw, dict):
@@ -286,7 +296,7 @@ def _parse(raw: Any, *, has_maps: bool | None) -> tuple[SearchSpace | None, list
         _check_values(objectives, ordered, fixed, problems)
     if problems:
         return None, problems
-    return SearchSpace(objectives=tuple(objectives), params=tuple(ordered), fixed=fixed), []
+    return SearchSpace(objectives=tuple(objectives), params=tuple(ordered), fixed=fixed, select=select), []
 
 
 def _parse_objectives(raw: dict, problems: list[str]) -> list[str]:

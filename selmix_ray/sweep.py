@@ -43,6 +43,7 @@ Importing this module imports Ray Tune and Optuna but starts nothing (no ``ray.i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -100,6 +101,7 @@ def search(
     callbacks: list | None = None,
     time_budget_s: float | None = None,
     stop=None,
+    select: str | None = None,
 ):
     """Run a sweep of ``num_samples`` trials and return its ``results.Run``.
 
@@ -117,19 +119,18 @@ def search(
         seed: seeds the sampler and the trials (copies use seed ... seed + repeats - 1).
         address: Ray cluster address (``"auto"``, ``"ray://..."``, ``host:port``) when Ray is not already
             initialised; default: start a local one. A Ray that search() started is shut down at the end.
-        checkpoint_every: a trial checkpoints every this many reports (and always at step 0, at ASHA's
-            rungs and at its last step); default: ceil(reports / 10), about 10 checkpoints per trial.
-            1 checkpoints every report (a retry then replays nothing, but each report writes the
-            whole history). Kept in the manifest, so ``resume`` uses the same.
+        checkpoint_every: checkpoint every this many reports (and at step 0, ASHA's rungs and the last
+            step); default ceil(reports / 10). 1: a retry replays nothing, each report writes the history.
         callbacks: Ray Tune callbacks to add, objects or the names "tensorboard", "mlflow", "wandb"
             (selmix_ray.ecosystem). JSON and CSV results, and TensorBoard files when tensorboardX is
             installed, are always written.
         time_budget_s: stop the sweep after this many seconds (Tune's TuneConfig.time_budget_s).
-        stop: Tune's RunConfig.stop (dict, function or Stopper); a trial it ends early counts as pruned.
+        stop: Tune's RunConfig.stop (dict, function or Stopper); a trial it ends early counts pruned.
+        select: selection rule, "max" or "lcb", over the space's ``select`` (selmix_ray.confidence).
     """
     _check_features(features)
     _check_tune_options(callbacks=callbacks, time_budget_s=time_budget_s, stop=stop)
-    search_space = _load_space_checked(space, features)
+    search_space = _load_space_checked(space, features, select=select)
     options = _check_search_options(num_samples=num_samples, max_concurrent=max_concurrent,
                                     resources_per_trial=resources_per_trial, scheduler=scheduler, sampler=sampler,
                                     repeats=repeats, seed=seed, name=name, checkpoint_every=checkpoint_every)
@@ -161,7 +162,7 @@ def search(
         _fit(tuner, location, journal)
     finally:
         shutdown_ray(started_ray)
-    return _load_run(location)
+    return _load_run(location, verdict=True)
 
 
 def resume(path: str | os.PathLike, *, features=None, address: str | None = None, space=None):
@@ -212,18 +213,24 @@ def resume(path: str | os.PathLike, *, features=None, address: str | None = None
         _remove_orphan_trial_folders(location, when="synced back at the end of the resumed run")
     finally:
         shutdown_ray(started_ray)
-    return _load_run(location)
+    return _load_run(location, verdict=True)
 
 
 # -- inputs --------------------------------------------------------------------------------------------
 
 
-def _load_space_checked(space, features):
+def _load_space_checked(space, features, *, select: str | None = None):
+    """The validated space; ``select`` (search's argument) replaces the space's rule when given."""
     from .space import SearchSpace, load_space
 
     if isinstance(space, SearchSpace):
         space = space.to_dict()
-    return load_space(space, features=features)
+    search_space = load_space(space, features=features)
+    if select is None:
+        return search_space
+    from .confidence import check_rule
+
+    return dataclasses.replace(search_space, select=check_rule(select))
 
 
 def _check_search_options(*, num_samples, max_concurrent, resources_per_trial, scheduler, sampler, repeats,
@@ -433,7 +440,12 @@ def _fit(tuner, location, journal: Path) -> None:
     log(f"done in {time.perf_counter() - started:.1f} s: {location.path}")
 
 
-def _load_run(location):
+def _load_run(location, *, verdict: bool = False):
+    """The experiment as a Run; ``verdict``: log the selected trial against the best baseline (end of a sweep)."""
     from .results import load_run
 
-    return load_run(location.local_path or location.path)
+    run = load_run(location.local_path or location.path)
+    if verdict:
+        for line in run.verdicts().values():
+            log(f"verdict: {line}")
+    return run
