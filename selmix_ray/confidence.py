@@ -30,7 +30,9 @@ Decisions (not settled elsewhere)
       verdict speaks of. Inside the sweep, ASHA and Optuna keep seeing the point value ``val/best_objective``:
       a trial's bootstrap is meaningful only against other trials, and resampling every report of every trial
       would cost far more than the report itself at K = 1000; the rule applies where a winner is chosen.
-    - The verdict compares the selected trial with the best baseline (highest ``val/best_objective``) on
+    - The best baseline: the highest value of the objective on its stored validation counts (values within
+      1e-9 are ties, and the first in ``baselines.json`` wins them).
+    - The verdict compares the selected trial with the best baseline on
       validation, the split a user may choose on, and adds the same comparison on test. The validation
       verdict is optimistic for the winner of many trials (it is the best of them); the test line is the
       unbiased check, and the README's quality section measures how often the two agree.
@@ -60,7 +62,7 @@ from .uncertainty import (
     bootstrap,
     recall_intervals,
 )
-from .verdicts import SELECTION_RULES, Comparison, Verdict, verdict
+from .verdicts import SELECTION_RULES, TIE_TOLERANCE, Comparison, Verdict, verdict
 
 __all__ = ["INTERVAL_COLUMNS", "selection_rule", "check_rule", "trial_intervals", "baseline_intervals",
            "best_verdicts", "per_class_intervals", "rank_key", "join_intervals"]
@@ -144,7 +146,8 @@ def _context(run, objective, level, resamples, seed, K) -> _Context:
     repeats = int(data.get("repeats") or 1)
     scores = {n: _baseline_score(r, scorer, K) for n, r in run.baselines.items()}
     scores = {n: s for n, s in scores.items() if s is not None}
-    baseline = max(scores, key=scores.__getitem__) if scores else None
+    top = max(scores.values(), default=None)  # ties within rounding: the first in file order
+    baseline = next((n for n, v in scores.items() if v >= top - TIE_TOLERANCE), None) if scores else None
     counts = predictions = draws = None
     if baseline is not None:
         record = run.baselines[baseline]

@@ -65,6 +65,7 @@ __all__ = ["SELECTION_RULES", "Comparison", "Verdict", "compare", "compare_paire
            "selection_scores"]
 
 SELECTION_RULES = ("max", "lcb")
+TIE_TOLERANCE = 1e-9  # |trial - baseline| at or below this is a tie in P(better)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,7 +116,10 @@ class Comparison:
         low, high = _bounds(difference, draws, level, method)
         if method == "basic":  # the distribution the basic interval reads: draws reflected about the point
             draws = 2.0 * difference - draws
-        prob = float(np.mean(draws > 0) + 0.5 * np.mean(draws == 0))
+        # ties within rounding count as ties: recall objectives step by whole images, and a reflected draw
+        # 2 d - d* that is 0 in exact arithmetic may come out as +-1e-16
+        tie = np.abs(draws) <= TIE_TOLERANCE
+        prob = float(np.mean((draws > 0) & ~tie) + 0.5 * np.mean(tie))
         return cls(trial=float(trial), baseline=float(baseline), difference=difference, low=low, high=high,
                    prob_better=prob, level=float(level), method=method, resamples=int(draws.size),
                    paired=bool(paired))
