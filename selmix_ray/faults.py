@@ -1,0 +1,101 @@
+"""What went wrong, read from a trial's files: Tune's error file and a damaged ``result.json``.
+
+Decisions:
+
+- A sweep in which every trial errored is a failure (``search``/``resume`` raise
+  :class:`~selmix_ray.errors.SweepFailedError`, the CLI exits 1): its message carries the first trial's
+  own error, the last exception of Tune's ``error.txt`` (the text file; ``error.pkl`` is never read), not
+  Ray's traceback. The experiment is kept. A sweep with at least one trial that did not error is not a
+  failure (errored trials show as ``errored`` in the tables).
+- ``result.json`` is damaged when a complete line (one that ends in a newline) is not JSON, or when no
+  line of a non-empty file is: its trial keeps its row (score empty) and the row's ``problem`` names the
+  file; the ``selmix_ray`` logger warns once per file read. A last line without its newline is one being
+  written, and is skipped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import SweepFailedError
+from .progress import logger
+
+__all__ = ["read_last_result", "trial_error_message", "raise_if_every_trial_failed"]
+
+ERROR_FILE = "error.txt"  # Tune's text copy of a trial's last error
+# The line that starts the final exception of a Python traceback, e.g. "selmix_ray.errors.TrainingError: ..."
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Fault|Interrupt)\b.*$")
+
+
+def read_last_result(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the last complete JSON record of ``folder/result.json`` or None, a problem sentence or None)."""
+    path = folder / "result.json"
+    if not path.is_file():
+        return None, None
+    complete, partial = _last_lines(path)
+    if complete is not None:
+        try:
+            record = json.loads(complete)
+        except ValueError:
+            return None, _damaged(path, "its last complete line is not JSON")
+        return (record, None) if isinstance(record, dict) else (None, _damaged(path, "its last line is not a "
+                                                                                     "JSON object"))
+    if not partial.strip() or partial.startswith(b"{"):
+        return None, None  # empty, or the first line being written
+    return None, _damaged(path, "it holds no JSON line")
+
+
+def _last_lines(path: Path, chunk: int = 1 << 16) -> tuple[bytes | None, bytes]:
+    """(the last non-empty newline-terminated line or None, the bytes after the last newline)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        while True:
+            start = max(0, size - chunk)
+            f.seek(start)
+            pieces = f.read(size - start).split(b"\n")
+            partial, lines = pieces[-1], pieces[:-1] if start == 0 else pieces[1:-1]
+            for line in reversed(lines):
+                if line.strip():
+                    return line, partial
+            if start == 0:
+                return None, partial
+            chunk *= 4
+
+
+def _damaged(path: Path, why: str) -> str:
+    problem = (f"{path} is damaged ({why}): the trial is listed without its results; restore the file or "
+               "resume the experiment to rerun the trial from its checkpoint")
+    logger.warning(problem)
+    return problem
+
+
+def trial_error_message(folder: Path) -> str | None:
+    """The trial's own error (its final exception, as 'Type: message'), from Tune's error.txt; None if none."""
+    path = folder / ERROR_FILE
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    lines = text.rstrip().splitlines()
+    for index in range(len(lines) - 1, -1, -1):
+        if _EXCEPTION_LINE.match(lines[index]) and not lines[index].startswith(("ray.", "During ")):
+            message = "\n".join(lines[index:]).strip()
+            return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=\w+:)", "", message)  # selmix_ray.errors.X: -> X:
+    return lines[-1].strip() if lines else None
+
+
+def raise_if_every_trial_failed(run) -> None:
+    """SweepFailedError when ``run`` has trials and every one of them errored (the first one's error in it)."""
+    df = run.df
+    if len(df) == 0 or not (df["status"] == "errored").all():
+        return
+    first = df.sort_values("start_time").iloc[0]["trial_id"] if "start_time" in df else df.iloc[0]["trial_id"]
+    message = trial_error_message(run.trial_dirs[first]) or "(no error file was written)"
+    raise SweepFailedError(
+        f"Every trial of {run.path} errored ({len(df)} of {len(df)}). The first trial's error ({first}):\n"
+        f"  {message}\nFix the cause and start a new sweep (the experiment is kept; the full traceback is in "
+        f"{os.path.join(run.trial_dirs[first], ERROR_FILE)}).")
