@@ -16,16 +16,17 @@ Decisions:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 from .errors import SweepFailedError
-from .progress import logger
 
 __all__ = ["read_last_result", "trial_error_message", "raise_if_every_trial_failed"]
 
+logger = logging.getLogger("selmix_ray")  # progress.logger, without importing progress (listed above)
 ERROR_FILE = "error.txt"  # Tune's text copy of a trial's last error
 # The line that starts the final exception of a Python traceback, e.g. "selmix_ray.errors.TrainingError: ..."
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Fault|Interrupt)\b.*$")

@@ -129,9 +129,7 @@ def search(
         stop: Tune's RunConfig.stop (dict, function or Stopper); a trial it ends early counts pruned.
         select: selection rule, "max" or "lcb", over the space's ``select`` (selmix_ray.confidence).
         connect_timeout_s: how long an ``address`` where nothing listens is retried (default 30 s).
-
-    Raises ExperimentError before anything is written when no node can run a trial (resources_per_trial,
-    a cuda device), and SweepFailedError, with the first trial's error, when every trial errored.
+    Refused when no node can run a trial; SweepFailedError when every trial errored (cluster, faults).
     """
     _check_features(features)
     _check_tune_options(callbacks=callbacks, time_budget_s=time_budget_s, stop=stop)
@@ -146,8 +144,7 @@ def search(
             f"resume({location.path!r}), or choose another name."
         )
     location.check_writable()  # creates the (empty) experiment folder
-    started_ray = _start_ray_checked(location, address, connect_timeout_s, options["resources_per_trial"],
-                                     search_space)
+    started_ray = _start_ray_checked(location, address, connect_timeout_s, options, search_space)
     try:
         manifest = build_manifest(search_space, features, location=location, **options)
         location.write_bytes(MANIFEST_FILE, json_bytes(manifest))
@@ -221,13 +218,13 @@ def resume(path: str | os.PathLike, *, features=None, address: str | None = None
     return _load_run(location, verdict=True)
 
 
-def _start_ray_checked(location, address, connect_timeout_s, resources, search_space) -> bool:
+def _start_ray_checked(location, address, connect_timeout_s, options, search_space) -> bool:
     """init_ray + check_resources; on a refusal the experiment folder search() just made is removed again,
     so the same name can be used once the cause is fixed."""
     started = False
     try:
         started = init_ray(address, connect_timeout_s=connect_timeout_s)
-        check_resources(resources, devices=[search_space.fixed.get("device", "auto")])
+        check_resources(options["resources_per_trial"], devices=[search_space.fixed.get("device", "auto")])
     except ExperimentError:
         shutdown_ray(started)
         location.remove_dir("")
