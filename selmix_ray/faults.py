@@ -7,6 +7,9 @@ Decisions:
   own error, the last exception of Tune's ``error.txt`` (the text file; ``error.pkl`` is never read), not
   Ray's traceback. The experiment is kept. A sweep with at least one trial that did not error is not a
   failure (errored trials show as ``errored`` in the tables).
+- A trial that Tune's snapshot lists as ERROR but whose folder has no ``params.json`` (it failed as it
+  started, e.g. on a node that died) is still a row of ``Run.df``, ``errored``, its ``problem`` saying so:
+  an errored trial is never left out of the tables.
 - ``result.json`` is damaged when a complete line (one that ends in a newline) is not JSON, or when no
   line of a non-empty file is: its trial keeps its row (score empty) and the row's ``problem`` names the
   file; the ``selmix_ray`` logger warns once per file read. A last line without its newline is one being
@@ -24,7 +27,7 @@ from typing import Any
 
 from .errors import SweepFailedError
 
-__all__ = ["read_last_result", "trial_error_message", "raise_if_every_trial_failed"]
+__all__ = ["read_last_result", "trial_error_message", "raise_if_every_trial_failed", "unlisted_errored_rows"]
 
 logger = logging.getLogger("selmix_ray")  # progress.logger, without importing progress (listed above)
 ERROR_FILE = "error.txt"  # Tune's text copy of a trial's last error
@@ -89,14 +92,33 @@ def trial_error_message(folder: Path) -> str | None:
     return lines[-1].strip() if lines else None
 
 
+def unlisted_errored_rows(path: Path, tune_states: dict, listed) -> list[tuple[dict[str, Any], Path | None]]:
+    """(row, folder or None) for each trial that ``tune_states`` (Tune's snapshot) lists as ERROR and that
+    is not among ``listed`` (the trial ids read from folders with a params.json)."""
+    rows = []
+    for trial_id, state in tune_states.items():
+        if trial_id in listed or state.status != "ERROR":
+            continue
+        folder = path / state.relative_logdir if state.relative_logdir else None
+        folder = folder if folder is not None and folder.is_dir() else None
+        message = trial_error_message(folder) if folder is not None else None
+        problem = (f"Tune lists trial {trial_id} as errored, but it has no params.json (it failed as it started)"
+                   + (f": {message.splitlines()[-1]}" if message else ""))
+        rows.append(({"trial_id": trial_id, "status": "errored", "num_failures": state.num_failures,
+                      "start_time": folder.stat().st_mtime if folder is not None else float("nan"),
+                      "problem": problem}, folder))
+    return rows
+
+
 def raise_if_every_trial_failed(run) -> None:
     """SweepFailedError when ``run`` has trials and every one of them errored (the first one's error in it)."""
     df = run.df
     if len(df) == 0 or not (df["status"] == "errored").all():
         return
     first = df.sort_values("start_time").iloc[0]["trial_id"] if "start_time" in df else df.iloc[0]["trial_id"]
-    message = trial_error_message(run.trial_dirs[first]) or "(no error file was written)"
+    folder = run.trial_dirs.get(first)
+    message = (trial_error_message(folder) if folder else None) or "(no error file was written)"
+    where = f"; the full traceback is in {os.path.join(folder, ERROR_FILE)}" if folder else ""
     raise SweepFailedError(
         f"Every trial of {run.path} errored ({len(df)} of {len(df)}). The first trial's error ({first}):\n"
-        f"  {message}\nFix the cause and start a new sweep (the experiment is kept; the full traceback is in "
-        f"{os.path.join(run.trial_dirs[first], ERROR_FILE)}).")
+        f"  {message}\nFix the cause and start a new sweep (the experiment is kept{where}).")

@@ -40,7 +40,7 @@ from .constants import (
     STEP_KEY,
 )
 from .errors import ExperimentError
-from .faults import read_last_result
+from .faults import read_last_result, unlisted_errored_rows
 from .history import History
 from .metrics import head_mask, joint_confusion, metric_values
 from .tune_adapter import TuneTrialState, read_trial_states
@@ -463,6 +463,10 @@ def load_run(path: str | os.PathLike, *, intervals: bool = True) -> Run:
             continue
         dirs[row["trial_id"]] = folder
         rows.append(row)
+    for row, folder in unlisted_errored_rows(path, tune_states, dirs):  # failed as it started: listed anyway
+        rows.append(row)
+        if folder is not None:
+            dirs[row["trial_id"]] = folder
     return Run(path=path, manifest=manifest, trial_rows=rows, trial_dirs=dirs, baselines=baselines,
                with_intervals=intervals)
 

@@ -25,6 +25,7 @@ SPACE = {
     "fixed": {"steps": 900, "eval_every": 10},  # ASHA's rungs: 100, 300, 900
 }
 NUM_SAMPLES = 6
+FIRST_RUNG = 100  # a trial below it is still running (ASHA stops trials at rungs only)
 REMOVE_AFTER_STEP = 30  # the victim has checkpointed step 20 (checkpoint_every=2), 7 reports before ASHA's
 #                        first rung could stop it (its node then dies a few reports later, not after the rung)
 STORE_BYTES = 80 * 1024 * 1024
@@ -60,9 +61,10 @@ def main() -> None:
     def remove_a_worker_mid_trial() -> None:
         while out["removed"] is None:
             time.sleep(0.1)
-            for record in _records(fetch_log):
+            running = {record["node"]: record for record in _records(fetch_log)}  # the last trial started there
+            for record in running.values():
                 step = _last_step(Path(storage) / "multinode", record["trial"])
-                if record["node"] in workers and step is not None and step >= REMOVE_AFTER_STEP:
+                if record["node"] in workers and step is not None and REMOVE_AFTER_STEP <= step < FIRST_RUNG:
                     cluster.remove_node(workers[record["node"]], allow_graceful=False)
                     out["removed"] = {"node": record["node"], "trial": record["trial"], "step_seen": step}
                     return

@@ -178,3 +178,29 @@ def test_the_first_exception_of_an_error_file_is_the_message(tmp_path):
         "selmix_ray.errors.TrainingError: Training diverged at step 10.\n  Lower lr.\n")
     assert trial_error_message(tmp_path) == "TrainingError: Training diverged at step 10.\n  Lower lr."
     assert trial_error_message(tmp_path / "missing") is None
+
+
+@pytest.mark.slow
+def test_an_errored_trial_without_params_json_is_listed_not_left_out(sweep, tmp_path):
+    """Seen in the multi-node test: a trial that fails as it starts on a dying node ends ERROR in Tune's
+    snapshot with only error.txt in its folder. Before, load_run left it out (5 trials of 6)."""
+    from selmix_ray.faults import raise_if_every_trial_failed
+    from selmix_ray.results import load_run
+
+    experiment = _copy(sweep, tmp_path)
+    snapshot = sorted(experiment.glob("experiment_state-*.json"))[-1]
+    state = json.loads(snapshot.read_text())
+    trial = json.loads(state["trial_data"][0][0])
+    trial["status"] = "ERROR"
+    state["trial_data"][0][0] = json.dumps(trial)
+    snapshot.write_text(json.dumps(state))
+    folder = experiment / trial["relative_logdir"]
+    for name in os.listdir(folder):
+        shutil.rmtree(folder / name) if (folder / name).is_dir() else os.remove(folder / name)
+    (folder / "error.txt").write_text("Failure # 1 (occurred at 2026-12-06_01-21-07)\nThe actor died unexpectedly "
+                                      "before finishing this task.\nThe actor died because its node has died.\n")
+    df = load_run(experiment, intervals=False).df.set_index("trial_id")
+    assert len(df) == 8 and df.loc[trial["trial_id"], "status"] == "errored"
+    assert "has no params.json" in df.loc[trial["trial_id"], "problem"] and "node has died" in df.loc[
+        trial["trial_id"], "problem"]
+    raise_if_every_trial_failed(load_run(experiment, intervals=False))  # 7 trials did not error: no raise
