@@ -114,8 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "ones continue from their last checkpoint, the study and ASHA rungs "
                                         "are restored. Features are rebuilt from the manifest (cache hit).")
     p.add_argument("path", metavar="PATH", help="experiment folder <storage>/<name>")
-    p.add_argument("--address", help="Ray cluster address ('auto', 'host:port', 'ray://...'); "
-                                     "default: start a local Ray")
+    _add_address_options(p)
     p.add_argument("--plots", metavar="DIR", help="where to write plots (default: PATH/plots)")
     _add_output_options(p)
 
@@ -165,6 +164,13 @@ def _add_feature_options(p: argparse.ArgumentParser) -> None:
                         "the head-only cost per step; implies --keep-maps) (default penultimate)")
 
 
+def _add_address_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address ('auto', 'host:port', 'ray://...'); "
+                                     "default: start a local Ray")
+    p.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="give up on an --address where nothing answers after this many seconds (default 30)")
+
+
 def _add_sweep_options(p: argparse.ArgumentParser, *, num_samples: int) -> None:
     p.add_argument("--num-samples", type=int, default=num_samples,
                    help=f"number of trials (configurations) (default {num_samples})")
@@ -184,8 +190,7 @@ def _add_sweep_options(p: argparse.ArgumentParser, *, num_samples: int) -> None:
     p.add_argument("--repeats", type=int, default=1, help="seeds trained per configuration, reported as "
                                                           "their mean; cuts validation noise (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler, trials and features (default 0)")
-    p.add_argument("--address", help="Ray cluster address ('auto', 'host:port', 'ray://...'); "
-                                     "default: start a local Ray")
+    _add_address_options(p)
     p.add_argument("--checkpoint-every", type=int, metavar="N",
                    help="checkpoint every N-th report as well as at ASHA's rungs and the end; a retried trial "
                         "replays at most N-1 reports (default: about 10 checkpoints per trial)")
@@ -315,7 +320,8 @@ def cmd_search(args, *, space_path: str | None = None, overrides: list[str] | No
         run = search(space, features=features, storage=args.storage, name=name, num_samples=args.num_samples,
                      max_concurrent=args.max_concurrent, resources_per_trial=resources,
                      scheduler=args.scheduler, sampler=args.sampler, repeats=args.repeats, seed=args.seed,
-                     address=args.address, checkpoint_every=args.checkpoint_every,
+                     address=args.address, connect_timeout_s=args.connect_timeout,
+                     checkpoint_every=args.checkpoint_every,
                      callbacks=list(dict.fromkeys(args.callback)) or None, time_budget_s=args.time_budget,
                      select=getattr(args, "select", None))
     except KeyboardInterrupt:
@@ -329,7 +335,7 @@ def cmd_resume(args) -> int:
     from .sweep import resume
 
     try:
-        run = resume(args.path, address=args.address)
+        run = resume(args.path, address=args.address, connect_timeout_s=args.connect_timeout)
     except KeyboardInterrupt:
         _print_interrupted(args.path)
         return 130

@@ -89,6 +89,8 @@ class Comparison:
                 head = trials.head(top)[show + tested + config_columns].astype({"steps_reached": "Int64"}).rename(
                     columns=lambda c: c.replace("config/", "").replace("test_at_best/", "test "))
                 lines.append(head.to_string(index=False) if not head.empty else "(no trial has reported yet)")
+                if "problem" in trials:  # e.g. a damaged result.json (selmix_ray.faults)
+                    lines.extend(f"warning: {problem}" for problem in trials["problem"].dropna())
                 base = part[part["kind"] == "baseline"]
                 if not base.empty:
                     lines.append("baselines:")

@@ -14,6 +14,7 @@ __all__ = [
     "DataError",
     "UndefinedMetricError",
     "ExperimentError",
+    "SweepFailedError",
     "TrainingError",
 ]
 
@@ -51,6 +52,10 @@ class UndefinedMetricError(DataError):
 
 class ExperimentError(SelMixError):
     """An experiment directory cannot be created, resumed or read as asked."""
+
+
+class SweepFailedError(ExperimentError):
+    """Every trial of a sweep errored; the message carries the first trial's error. The experiment is kept."""
 
 
 class TrainingError(SelMixError, RuntimeError):

@@ -130,8 +130,8 @@ def _resolve_options(dataset: str, rho, backbone: str, seed, opts: dict) -> dict
         problems.append(f"the labeled split needs rho >= 1, but got {rho=}; rho < 1 is for rho_unlabeled only.")
     if not isinstance(backbone, str) or not backbone:
         problems.append(f"backbone must be a non-empty string, but got {backbone!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        problems.append(f"seed must be an integer, but got {seed=!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        problems.append(f"seed must be an integer >= 0, but got {seed=!r}.")
     full = {**OPTION_DEFAULTS, **{k: v for k, v in opts.items() if k in OPTION_DEFAULTS}}
     if full["dtype"] not in DTYPES:
         problems.append(f"dtype must be one of {', '.join(DTYPES)}, but got {full['dtype']!r}.")

@@ -40,6 +40,7 @@ from .constants import (
     STEP_KEY,
 )
 from .errors import ExperimentError
+from .faults import read_last_result, unlisted_errored_rows
 from .history import History
 from .metrics import head_mask, joint_confusion, metric_values
 from .tune_adapter import TuneTrialState, read_trial_states
@@ -163,7 +164,7 @@ class Run:
 
         extra = [m for m in self.manifest.get("metrics") or [] if m != SCORE_KEY]
         columns = ["trial_id", "status", "steps_reached", "steps", "wall_time_s", "start_time",
-                   "num_failures", SCORE_KEY, *extra, *TEST_AT_BEST]
+                   "num_failures", SCORE_KEY, *extra, *TEST_AT_BEST, "problem"]
         df = pd.DataFrame(self.trial_rows)
         for column in columns:
             if column not in df:
@@ -381,12 +382,17 @@ class Run:
             raise ExperimentError(f"{self.path} has no {JOURNAL_FILE}; parameter importance needs the Optuna study.")
         from .storage import journal_storage
 
-        storage = journal_storage(journal)
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        study_name = self.name if self.name in names else (names[0] if names else None)
+        try:
+            storage = journal_storage(journal)
+            names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+            study_name = self.name if self.name in names else (names[0] if names else None)
+            study = study_name and optuna.load_study(study_name=study_name, storage=storage)
+        except (ValueError, KeyError, TypeError, IndexError) as err:  # UnicodeDecodeError, JSONDecodeError, ...
+            raise ExperimentError(f"{journal} is damaged, Optuna cannot read it ({type(err).__name__}: {err}); "
+                                  "parameter importance needs the study (the other tables do not). Restore the "
+                                  "file from a backup.") from err
         if study_name is None:
             raise ExperimentError(f"{journal} holds no Optuna study.")
-        study = optuna.load_study(study_name=study_name, storage=storage)
         target = (lambda t: t.values[0]) if self.is_multi_objective else None
         return dict(optuna.importance.get_param_importances(study, target=target))
 
@@ -457,6 +463,10 @@ def load_run(path: str | os.PathLike, *, intervals: bool = True) -> Run:
             continue
         dirs[row["trial_id"]] = folder
         rows.append(row)
+    for row, folder in unlisted_errored_rows(path, tune_states, dirs):  # failed as it started: listed anyway
+        rows.append(row)
+        if folder is not None:
+            dirs[row["trial_id"]] = folder
     return Run(path=path, manifest=manifest, trial_rows=rows, trial_dirs=dirs, baselines=baselines,
                with_intervals=intervals)
 
@@ -477,37 +487,14 @@ def _fixed_steps(manifest: dict[str, Any]) -> int | None:
     return int(steps) if is_number(steps) else None
 
 
-def _last_result(folder: Path) -> dict[str, Any] | None:
-    """The last complete JSON line of result.json (a line being written is skipped)."""
-    path = folder / "result.json"
-    if not path.is_file():
-        return None
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        chunk = 4096
-        while True:
-            start = max(0, size - chunk)
-            f.seek(start)
-            lines = f.read(size - start).splitlines()
-            candidates = lines if start == 0 else lines[1:]  # the first line of a chunk may be partial
-            for line in reversed(candidates):
-                try:
-                    return json.loads(line)
-                except ValueError:
-                    continue
-            if start == 0:
-                return None
-            chunk *= 4
-
-
 def _trial_row(folder: Path, tune_states: dict[str, TuneTrialState], steps_default: int | None,
                extra_metrics: list[str]) -> dict[str, Any] | None:
     try:
         params = json.loads((folder / "params.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # being written
-    result = _last_result(folder) or {}
+    result, problem = read_last_result(folder)
+    result = result or {}
     trial_id = result.get("trial_id") or _trial_id_from_dirname(folder.name, tune_states)
     if trial_id is None:
         return None
@@ -532,6 +519,7 @@ def _trial_row(folder: Path, tune_states: dict[str, TuneTrialState], steps_defau
         "start_time": _start_time(folder, result),
         "num_failures": 0 if tune is None else tune.num_failures,
         SCORE_KEY: result.get(SCORE_KEY),
+        "problem": problem,
     }
     for key in (*TEST_AT_BEST, *extra_metrics):  # extra: e.g. val/mean_recall, ranked by a multi-objective sweep
         row[key] = result.get(key)

@@ -216,6 +216,11 @@ def read_yaml(path: str) -> Any:
             return parse_yaml(f.read())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}", where="search space") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not a text file ({err.reason} at byte {err.start}); pass a YAML search "
+                          "space such as search_spaces/min_recall.yaml.", where="search space") from err
+    except OSError as err:
+        raise ConfigError(f"{path} cannot be read ({err.strerror or err}).", where="search space") from err
 
 
 def _config_fields() -> dict[str, Any]:

@@ -53,7 +53,7 @@ from typing import Any
 
 from .baselines import compute_baselines
 from .checks import int_problem, is_number
-from .cluster import init_ray, shutdown_ray
+from .cluster import check_resources, init_ray, shutdown_ray
 from .constants import BASELINES_FILE, JOURNAL_FILE, MANIFEST_FILE, MAX_FAILURES, STEP_KEY
 from .errors import ConfigError, ExperimentError
 from .manifest import build_manifest, read_manifest, space_differences
@@ -102,6 +102,7 @@ def search(
     time_budget_s: float | None = None,
     stop=None,
     select: str | None = None,
+    connect_timeout_s: float | None = None,
 ):
     """Run a sweep of ``num_samples`` trials and return its ``results.Run``.
 
@@ -127,6 +128,8 @@ def search(
         time_budget_s: stop the sweep after this many seconds (Tune's TuneConfig.time_budget_s).
         stop: Tune's RunConfig.stop (dict, function or Stopper); a trial it ends early counts pruned.
         select: selection rule, "max" or "lcb", over the space's ``select`` (selmix_ray.confidence).
+        connect_timeout_s: how long an ``address`` where nothing listens is retried (default 30 s).
+    Refused when no node can run a trial; SweepFailedError when every trial errored (cluster, faults).
     """
     _check_features(features)
     _check_tune_options(callbacks=callbacks, time_budget_s=time_budget_s, stop=stop)
@@ -140,18 +143,15 @@ def search(
             f"An experiment named {name!r} already exists at {location.path}. Continue it with "
             f"resume({location.path!r}), or choose another name."
         )
-    location.check_writable()
-
-    manifest = build_manifest(search_space, features, location=location, **options)
-    location.write_bytes(MANIFEST_FILE, json_bytes(manifest))
-    log(f"experiment {location.path}")
-
-    baselines = compute_baselines(features, search_space, repeats=manifest["repeats"], seed=manifest["seed"],
-                                  log=log)
-    location.write_bytes(BASELINES_FILE, json_bytes(baselines))
-
-    started_ray = init_ray(address)
+    location.check_writable()  # creates the (empty) experiment folder
+    started_ray = _start_ray_checked(location, address, connect_timeout_s, options, search_space)
     try:
+        manifest = build_manifest(search_space, features, location=location, **options)
+        location.write_bytes(MANIFEST_FILE, json_bytes(manifest))
+        log(f"experiment {location.path}")
+        baselines = compute_baselines(features, search_space, repeats=manifest["repeats"], seed=manifest["seed"],
+                                      log=log)
+        location.write_bytes(BASELINES_FILE, json_bytes(baselines))
         from ray import tune
 
         journal = local_journal(location)
@@ -165,7 +165,8 @@ def search(
     return _load_run(location, verdict=True)
 
 
-def resume(path: str | os.PathLike, *, features=None, address: str | None = None, space=None):
+def resume(path: str | os.PathLike, *, features=None, address: str | None = None, space=None,
+           connect_timeout_s: float | None = None):
     """Continue the experiment at ``path`` (``<storage>/<name>``) and return its ``results.Run``.
 
     Finished trials stay as they are; unfinished and errored ones continue from their last checkpoint;
@@ -199,8 +200,9 @@ def resume(path: str | os.PathLike, *, features=None, address: str | None = None
             f"Cannot resume {location.path}: Ray Tune saved no experiment state there yet (the sweep was "
             "stopped before its first snapshot). Start it again with search() under a new name."
         )
-    started_ray = init_ray(address)
+    started_ray = init_ray(address, connect_timeout_s=connect_timeout_s)
     try:
+        check_resources(manifest["resources_per_trial"], devices=[stored_space.fixed.get("device", "auto")])
         journal = local_journal(location, restore=True)
         _remove_orphan_trial_folders(location)
         trainable = _trainable(features, stored_space, manifest, location)
@@ -214,6 +216,20 @@ def resume(path: str | os.PathLike, *, features=None, address: str | None = None
     finally:
         shutdown_ray(started_ray)
     return _load_run(location, verdict=True)
+
+
+def _start_ray_checked(location, address, connect_timeout_s, options, search_space) -> bool:
+    """init_ray + check_resources; on a refusal the experiment folder search() just made is removed again,
+    so the same name can be used once the cause is fixed."""
+    started = False
+    try:
+        started = init_ray(address, connect_timeout_s=connect_timeout_s)
+        check_resources(options["resources_per_trial"], devices=[search_space.fixed.get("device", "auto")])
+    except ExperimentError:
+        shutdown_ray(started)
+        location.remove_dir("")
+        raise
+    return started
 
 
 # -- inputs --------------------------------------------------------------------------------------------
@@ -257,6 +273,9 @@ def _check_search_options(*, num_samples, max_concurrent, resources_per_trial, s
             for key, value in resources_per_trial.items():
                 if not is_number(value) or not value >= 0:
                     problems.append(f"resources_per_trial[{key!r}] must be a number >= 0, but got {value!r}.")
+            if all(is_number(v) and v == 0 for v in resources_per_trial.values()):
+                problems.append(f"resources_per_trial must ask for some resource (e.g. cpu: 1 or cpu: 0.5), but "
+                                f"got {resources_per_trial!r}: a trial needs a CPU or a GPU to run on.")
     if problems:
         raise ConfigError(problems, where="search options")
     if resources_per_trial is not None:
@@ -442,9 +461,11 @@ def _fit(tuner, location, journal: Path) -> None:
 
 def _load_run(location, *, verdict: bool = False):
     """The experiment as a Run; ``verdict``: log the selected trial against the best baseline (end of a sweep)."""
+    from .faults import raise_if_every_trial_failed
     from .results import load_run
 
     run = load_run(location.local_path or location.path)
+    raise_if_every_trial_failed(run)
     if verdict:
         for line in run.verdicts().values():
             log(f"verdict: {line}")

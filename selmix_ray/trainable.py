@@ -26,6 +26,11 @@ checkpoint at a step >= N, so the retry path can be tested. ``search`` fills it 
 *driver* (workers of an already running cluster do not see the driver's environment). Marker files in
 a folder the driver names make it fire once per trial, in at most that many trials. Never set them
 outside tests.
+
+Test-only fetch log: ``SELMIX_RAY_TEST_FETCH_LOG=FILE`` (read on the driver, like the fault hook) makes
+every trial start append one JSON line to FILE: its node id, trial id, process id and the memory mapping
+(``device:inode`` from ``/proc/self/maps``) that holds its largest feature array, ``"private"`` when that
+array is a copy in the process's own memory. The multi-node test counts the copies per node with it.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ __all__ = ["run_trial", "trial_settings", "FAULT_ENV", "FAULT_LIMIT_ENV", "Trial
 
 FAULT_ENV = "SELMIX_RAY_TEST_FAULT_AT_STEP"  # test-only: the step after whose checkpoint a trial raises once
 FAULT_LIMIT_ENV = "SELMIX_RAY_TEST_FAULT_MAX_TRIALS"  # test-only: at most this many trials raise
+FETCH_LOG_ENV = "SELMIX_RAY_TEST_FETCH_LOG"  # test-only: file where each trial start logs where its features are
 _FAULT_MARKERS = ".selmix_test_faults"  # folder of marker files (one per trial that raised)
 
 
@@ -74,6 +80,7 @@ def trial_settings(space: dict[str, Any], *, repeats: int, seed: int, checkpoint
         "fault_at_step": int(fault) if fault else None,
         "fault_max_trials": int(limit) if limit else None,
         "fault_dir": fault_dir,
+        "fetch_log": os.environ.get(FETCH_LOG_ENV) or None,
     }
 
 
@@ -91,6 +98,8 @@ def run_trial(config: dict[str, Any], *, features: dict[str, Any], settings: dic
     from .featureset import FeatureSet
     from .space import load_space
 
+    if settings.get("fetch_log"):
+        _log_fetch(settings["fetch_log"], features)
     feature_set = FeatureSet.from_object_store(features)
     space = load_space(settings["space"])
     values = space.trial_config(config)
@@ -123,6 +132,35 @@ def run_trial(config: dict[str, Any], *, features: dict[str, Any], settings: dic
         finetune_repeats(feature_set, finetune_config, repeats=repeats, report=reporter.report,
                          checkpoint=reporter.checkpoint, state=state)
     reporter.flush()
+
+
+def _log_fetch(path: str, payload: dict[str, Any]) -> None:
+    """Test-only (FETCH_LOG_ENV): one JSON line saying which node this trial runs on and which memory
+    mapping holds its largest feature array (the node's shared object store, or "private")."""
+    import json
+
+    import ray
+    from ray import tune
+
+    arrays, todo = [], [payload]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            todo.extend(item.values())
+        elif hasattr(item, "__array_interface__"):
+            arrays.append(item)
+    address = max(arrays, key=lambda a: a.nbytes).__array_interface__["data"][0]
+    mapping = "private"
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        for line in maps:
+            fields = line.split()
+            low, high = (int(part, 16) for part in fields[0].split("-"))
+            if low <= address < high and fields[4] != "0":  # inode 0: anonymous memory, a private copy
+                mapping = f"{fields[3]}:{fields[4]}"
+    record = {"node": ray.get_runtime_context().get_node_id(), "trial": tune.get_context().get_trial_id(),
+              "pid": os.getpid(), "mapping": mapping}
+    with open(path, "a", encoding="utf-8") as log_file:
+        log_file.write(json.dumps(record) + "\n")
 
 
 def _trial_device() -> str:

@@ -148,7 +148,7 @@ def read_journal_trial_links(path: str | os.PathLike, study_name: str) -> dict[s
     trials: list[tuple[int, int]] = []  # global trial id -> (study id, number in its study)
     per_study: dict[int, int] = {}
     attrs: dict[int, str] = {}  # global trial id -> Tune trial id
-    with open(path, encoding="utf-8") as journal:
+    with open(path, encoding="utf-8", errors="replace") as journal:  # a damaged (binary) line is skipped
         for line in journal:
             try:
                 op = json.loads(line)

@@ -1,0 +1,98 @@
+"""Child process of the multi-node test: a three-node ``ray.cluster_utils.Cluster`` on this machine (each
+node its own raylet and object store), a sweep into a storage folder every node shares, and one worker
+node removed (killed) while one of its trials runs past a checkpoint.
+
+    python tests/_multinode_driver.py STORAGE OUT_JSON
+
+The test session's own Ray is a different cluster in a different process, hence the child. Features:
+digits, rho 10, backbone "identity", from $XDG_CACHE_HOME (the test's cache). Writes OUT_JSON with the
+node ids and what was removed; the trials log where their features live to STORAGE/fetch.log
+(selmix_ray.trainable, test-only fetch log).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+SPACE = {
+    "objective": "min_recall",
+    "space": {"method": {"choice": ["selmix", "uniform_mixup"]}, "lr": {"loguniform": [0.1, 10]}},
+    "fixed": {"steps": 900, "eval_every": 10},  # ASHA's rungs: 100, 300, 900
+}
+NUM_SAMPLES = 6
+FIRST_RUNG = 100  # a trial below it is still running (ASHA stops trials at rungs only)
+REMOVE_AFTER_STEP = 30  # the victim has checkpointed step 20 (checkpoint_every=2), 7 reports before ASHA's
+#                        first rung could stop it (its node then dies a few reports later, not after the rung)
+STORE_BYTES = 80 * 1024 * 1024
+
+
+def main() -> None:
+    storage, out_path = sys.argv[1:3]
+    for key, value in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+                       "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_DEDUP_LOGS": "0"}.items():
+        os.environ.setdefault(key, value)
+    fetch_log = Path(storage) / "fetch.log"
+    Path(storage).mkdir(parents=True, exist_ok=True)
+    os.environ["SELMIX_RAY_TEST_FETCH_LOG"] = str(fetch_log)
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from selmix_ray.features import build_features
+    from selmix_ray.sweep import search
+
+    # Node death is noticed after health_check_period_ms * failure_threshold (default 3 s * 5).
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": STORE_BYTES, "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
+    workers = {}
+    for _ in range(2):
+        node = cluster.add_node(num_cpus=1, object_store_memory=STORE_BYTES)
+        workers[node.node_id] = node
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    out = {"head": cluster.head_node.node_id, "workers": sorted(workers), "removed": None}
+    features = build_features("digits", rho=10, backbone="identity")
+
+    def remove_a_worker_mid_trial() -> None:
+        while out["removed"] is None:
+            time.sleep(0.1)
+            running = {record["node"]: record for record in _records(fetch_log)}  # the last trial started there
+            for record in running.values():
+                step = _last_step(Path(storage) / "multinode", record["trial"])
+                if record["node"] in workers and step is not None and REMOVE_AFTER_STEP <= step < FIRST_RUNG:
+                    cluster.remove_node(workers[record["node"]], allow_graceful=False)
+                    out["removed"] = {"node": record["node"], "trial": record["trial"], "step_seen": step}
+                    return
+
+    remover = threading.Thread(target=remove_a_worker_mid_trial, daemon=True)
+    remover.start()
+    started = time.monotonic()
+    search(SPACE, features=features, storage=storage, name="multinode", num_samples=NUM_SAMPLES, max_concurrent=3,
+           seed=0, checkpoint_every=2)
+    out["sweep_s"] = time.monotonic() - started
+    Path(out_path).write_text(json.dumps(out))
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def _records(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def _last_step(experiment: Path, trial_id: str) -> int | None:
+    for result in experiment.glob(f"run_trial_{trial_id}_*/result.json"):
+        lines = [line for line in result.read_text().splitlines() if line.endswith("}")]
+        if lines:
+            return json.loads(lines[-1]).get("step")
+    return None
+
+
+if __name__ == "__main__":
+    main()
