@@ -67,7 +67,7 @@ from .device import resolve_device
 from .errors import ConfigError, TrainingError
 from .featureset import FeatureSet
 from .gain import gain_matrix
-from .history import History, sparse_counts
+from .history import History, encode_array, sparse_counts
 from .metrics import confusion_counts, joint_confusion, summarize
 from .models import EVAL_CHUNK, build_model
 from .objectives import get_objective
@@ -355,7 +355,7 @@ class Trainer:
             prefix = name.replace("_raw", "/raw")
             for m in METRIC_NAMES:
                 metrics[f"{prefix}/{m}"] = float(summary[m])
-            record[name] = {"recall": summary["recall"].tolist(), "counts": sparse_counts(splits[name])}
+            record[name] = {"recall": encode_array(summary["recall"]), "counts": sparse_counts(splits[name])}
 
         # the best report: the first that reached the best validation objective (History.best_index)
         best = self.history.records[self.history.best_index()] if self.history.records else None
