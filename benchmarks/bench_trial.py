@@ -8,8 +8,8 @@ The data are bench_scale.py's seeded Gaussian clusters (ImageNet-LT shape by def
 to 5 training rows per class, 20 validation and 50 test rows per class), built through the npz path with
 ``backbone="identity"`` (the ERM head is fitted once and cached under the folder). One trial runs in this
 process with ``finetune`` and a checkpoint callback that writes what a Tune trial writes
-(``finetune_state.pt`` with an empty history + ``history.json``, trainable.py), keeping the newest
-``CHECKPOINTS_KEPT`` checkpoints as Tune does, so the folder it leaves is a trial's experiment folder
+(``finetune_state.pt`` with an empty history + ``history.json``, trainable.py) at the reports a sweep
+checkpoints by default (about ``CHECKPOINTS_PER_TRIAL``), keeping the newest ``CHECKPOINTS_KEPT`` as Tune does, so the folder it leaves is a trial's experiment folder
 less Tune's scalar logs.
 
 Every part is timed by wrapping the function that does it (outermost call only, no profiler overhead):
@@ -108,7 +108,9 @@ def run_trial(fs, args, trial_dir: Path) -> dict:
     from selmix_ray import FinetuneConfig, finetune
     from selmix_ray.constants import HISTORY_FILE, STATE_FILE
     from selmix_ray.history import History
+    from selmix_ray.manifest import CHECKPOINTS_PER_TRIAL
     from selmix_ray.sweep import CHECKPOINTS_KEPT
+    from selmix_ray.trainable import _CheckpointSchedule
 
     timer = Timer()
     for part, module_name, dotted in PARTS:
@@ -116,9 +118,14 @@ def run_trial(fs, args, trial_dir: Path) -> dict:
     kept: list[Path] = []
     sizes = {}
 
+    every = max(1, -(-(args.steps // args.eval_every) // CHECKPOINTS_PER_TRIAL))  # the sweep's default
+    schedule = _CheckpointSchedule(steps=args.steps, eval_every=args.eval_every, every=every)
+
     def checkpoint(state) -> None:
         import dataclasses
 
+        if not schedule(state.step):
+            return
         started = time.perf_counter()
         folder = trial_dir / f"checkpoint_{len(sizes):06d}"
         folder.mkdir(parents=True)

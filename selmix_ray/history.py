@@ -178,14 +178,14 @@ def decode_predictions(data: dict[str, Any]) -> np.ndarray:
 
 def encode_array(array) -> dict[str, Any]:
     """JSON form of a numeric array: non-negative integers as :func:`encode_predictions` (the smallest
-    type), floats as float64 or float32 (their own type), C-order little-endian bytes, zlib level 9, base64."""
+    type), floats as float64 or float32 (their own type), C-order little-endian bytes, zlib level 6, base64."""
     array = np.asarray(array)
     if np.issubdtype(array.dtype, np.integer):
         return encode_predictions(array)
     dtype = "float32" if array.dtype == np.float32 else "float64"
     raw = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
     return {"dtype": dtype, "shape": list(array.shape),
-            "zlib_base64": base64.b64encode(zlib.compress(raw, 9)).decode("ascii")}
+            "zlib_base64": base64.b64encode(zlib.compress(raw, 6)).decode("ascii")}  # 9: as small, 1.5x the time
 
 
 def decode_array(data: dict[str, Any]) -> np.ndarray:
