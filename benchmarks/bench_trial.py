@@ -1,7 +1,8 @@
 """Where one head-only SelMix trial spends its time, at K = 100 and K = 1000 (issue 12, item 3).
 
     .venv/bin/python benchmarks/bench_trial.py                            # K = 100 and 1000, 200 steps, class_weights
-    .venv/bin/python benchmarks/bench_trial.py --classes 1000 --steps 2000 --eval-every 50 --posthoc none
+    .venv/bin/python benchmarks/bench_trial.py --classes 1000 --steps 2000 --eval-every 50 --posthoc none \
+        --refresh-every 1000                        # a 2000-step trial's folder (sizes do not depend on refreshes)
     .venv/bin/python benchmarks/bench_trial.py --folder /tmp/bt --keep   # keep the npz files and the cache
 
 The data are bench_scale.py's seeded Gaussian clusters (ImageNet-LT shape by default: d = 512, 1280 down
@@ -137,7 +138,8 @@ def run_trial(fs, args, trial_dir: Path) -> dict:
         while len(kept) > CHECKPOINTS_KEPT:
             shutil.rmtree(kept.pop(0))
 
-    config = FinetuneConfig(steps=args.steps, eval_every=args.eval_every, posthoc=args.posthoc, device="cpu")
+    config = FinetuneConfig(steps=args.steps, eval_every=args.eval_every, posthoc=args.posthoc, device="cpu",
+                            refresh_every=getattr(args, "refresh_every", None) or FinetuneConfig.refresh_every)
     started = time.perf_counter()
     history = finetune(fs, config, checkpoint=checkpoint)
     wall = time.perf_counter() - started
@@ -176,6 +178,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--posthoc", default="class_weights", help="none | logit_adjust | class_weights")
+    parser.add_argument("--refresh-every", type=int, default=None,
+                        help="refresh_every (default the config's 10; larger: a long trial's sizes sooner)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--folder", help="npz files, cache and trial folders (default: a temporary folder)")
