@@ -89,12 +89,13 @@ class Timer:
         self.calls[part] = self.calls.get(part, 0) + 1
 
 
-def build(npz: Path, cache: Path, dtype: str):
+def build(npz: Path, cache: Path, dtype: str, head_epochs: float | None = None):
     from selmix_ray.features import build_features
 
     started = time.perf_counter()
+    opts = {} if head_epochs is None else {"head_epochs": head_epochs}
     fs = build_features("npz", rho=None, backbone="identity", root=str(npz), cache_dir=str(cache), dtype=dtype,
-                        progress=False)
+                        progress=False, **opts)
     return fs, time.perf_counter() - started
 
 
@@ -181,6 +182,7 @@ def main() -> None:
     parser.add_argument("--refresh-every", type=int, default=None,
                         help="refresh_every (default the config's 10; larger: a long trial's sizes sooner)")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--head-epochs", type=float, default=None, help="the build's head_epochs (default its own)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--folder", help="npz files, cache and trial folders (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true")
@@ -201,7 +203,7 @@ def main() -> None:
             if not npz.exists():
                 generate(npz, classes=classes, dim=args.dim, n_max=args.n_max, rho=args.n_max / args.n_min,
                          n_val=args.n_val, n_test=args.n_test, scale=0.2, noise=1.0, seed=args.seed)
-            fs, seconds = build(npz, folder / "cache", args.dtype)
+            fs, seconds = build(npz, folder / "cache", args.dtype, args.head_epochs)
             trial_dir = folder / f"trial_k{classes}"
             shutil.rmtree(trial_dir, ignore_errors=True)
             result = run_trial(fs, args, trial_dir)
