@@ -323,7 +323,7 @@ def report(args, folder: Path) -> None:
         print(f"former full-batch fit, timed here on the same rows: {build['old_step_s']:.1f} s per step x 300 steps "
               f"= {old:.0f} s; the minibatch fit took {build['timings']['head_s']:.1f} s "
               f"(ratio {old / build['timings']['head_s']:.1f})")
-    print_quality("starting head (head_epochs 2)", build["quality"])
+    print_quality("starting head (default head_epochs)", build["quality"])
     for epochs in args.head_epochs:
         other = run_child("build", {"npz": str(big), "cache": str(folder / f"cache_e{epochs}"), "dtype": "float32",
                                     "quality": True, "opts": {"head_epochs": epochs}}, timeout=timeout)
