@@ -294,7 +294,7 @@ class Trainer:
             pseudo_labels=None if self.pseudo_labels is None else self.pseudo_labels.copy(),
             pair_distribution=None if self.P is None else self.P.copy(),
             diagnostics=dict(self.diagnostics),
-            history=History.from_json(self.history.to_json()),
+            history=self.history.copy(),
             config=self.config.to_dict(),
         )
 
@@ -440,7 +440,7 @@ class Trainer:
         self.pseudo_labels = None if state.pseudo_labels is None else np.asarray(state.pseudo_labels)
         self.P = None if state.pair_distribution is None else np.asarray(state.pair_distribution)
         self.diagnostics = dict(state.diagnostics)
-        self.history = History.from_json(state.history.to_json())
+        self.history = state.history.copy()
         self._checked_at = self.step
         self._install_sampler()
 

@@ -42,6 +42,7 @@ histories written before they were stored (read back as None).
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import zlib
 from dataclasses import dataclass, field
@@ -118,6 +119,16 @@ class History:
     def recall(self, index: int = -1, split: str = "test") -> np.ndarray:
         """(K,) per-class recall of report ``index`` for ``split``."""
         return split_recall(self.records[index][split])
+
+    def copy(self) -> History:
+        """An independent copy (what a round trip through JSON gives, without encoding: a trial snapshots
+        its history at every report, and encoding it all each time grew with the square of the reports)."""
+        def array(value):
+            return None if value is None else value.copy()
+
+        return History(records=copy.deepcopy(self.records), best_p=array(self.best_p), best_step=self.best_step,
+                       meta=copy.deepcopy(self.meta), best_val_predictions=array(self.best_val_predictions),
+                       best_test_predictions=array(self.best_test_predictions))
 
     def to_dict(self) -> dict[str, Any]:
         best_p = None if self.best_p is None else encode_array(np.asarray(self.best_p, dtype=np.float32))

@@ -150,3 +150,14 @@ def test_an_old_format_experiment_reads_the_same(sweep, tmp_path):
     for objective in ("gmean", "min_recall"):
         assert new_run.rerank(objective).equals(old_run.rerank(objective))
     assert new_run.per_class(top=3).equals(old_run.per_class(top=3))
+
+
+def test_copy_is_the_json_round_trip_and_independent(histories):
+    for history in histories:
+        copied = history.copy()
+        assert copied.to_json() == History.from_json(history.to_json()).to_json() == history.to_json()
+        copied.records[0]["metrics"]["step"] = -1.0
+        copied.best_p[0, 0] = -1.0
+        copied.best_val_predictions[0] = -1
+        assert history.records[0]["metrics"]["step"] == 0.0 and history.best_p[0, 0] >= 0
+        assert history.best_val_predictions[0] >= 0
