@@ -1,6 +1,6 @@
 """ImageNet-LT scale on one machine (issue 12): the npz build, the cached load and one trial at K = 1000.
 
-    .venv/bin/python benchmarks/bench_scale.py                      # the ImageNet-LT shape (about 3-5 minutes)
+    .venv/bin/python benchmarks/bench_scale.py --threads 1          # the ImageNet-LT shape (10-20 minutes)
     .venv/bin/python benchmarks/bench_scale.py --classes 200 --n-max 320   # a smaller shape (under a minute)
     .venv/bin/python benchmarks/bench_scale.py --folder /data/bench --keep  # keep the npz and the cache
 
@@ -15,14 +15,19 @@ It prints:
   is fitted): total time and its parts (read, validate, ERM head fit, cache write), in a child process so
   that its peak memory (ru_maxrss) is its own; target: <= 2 minutes on 2 cores, dominated by I/O; and, in
   the same child, a few steps of the former full-batch fit timed on the same rows (the ratio holds on a
-  shared machine where the absolute times do not);
+  shared machine where the absolute times do not); ``--head-epochs 1`` also builds with other
+  ``head_epochs`` and prints each head's validation cross-entropy and recalls beside the default's;
 - the cached load in a fresh process (a cache hit: memory-mapped, nothing read) and in this one;
-- one trial of head-only SelMix (``FinetuneConfig(steps=200, eval_every=100)``, other fields at their
-  defaults) at K = 100 and at K = 1000, each in a child process: wall time, time per part (cProfile,
-  grouped by module and by the selmix_ray functions that take the most time), the history's JSON size and
-  the last checkpoint's size, and the child's peak memory;
+- one trial of head-only SelMix (``--steps 200 --eval-every 100 --posthoc class_weights`` by default) at
+  K = 100 and at K = 1000, each in a child process: wall time and time per part (gain refresh, pair
+  sampling, training steps, evaluation, post-hoc fit, checkpoints: ``bench_trial.run_trial``), the last
+  checkpoint's state file and history sizes, the trial folder with the kept checkpoints, and the child's
+  peak memory;
 - the same K = 1000 trial on float16 storage (built with ``dtype="float16"``, reusing the float32 build's
-  head through ``head=`` so that the head is not fitted twice): peak memory of the build and the trial.
+  head through ``head=`` so that the head is not fitted twice): peak memory of the build and the trial;
+- 4 trials at K = 1000 through ``search()`` (Ray Tune + Optuna, 2 at a time, 1 CPU each, FIFO; the
+  driver's baselines timed apart, before) against the same 4 configurations as plain processes (2 at a
+  time, one torch thread each), and the experiment folder's size.
 
 The machine may be shared: every time is wall-clock and the load average is printed at the start.
 """
@@ -30,10 +35,8 @@ The machine may be shared: every time is wall-clock and the load average is prin
 from __future__ import annotations
 
 import argparse
-import cProfile
 import json
 import os
-import pstats
 import resource
 import shutil
 import subprocess
@@ -158,60 +161,68 @@ def child_cached(task: dict) -> dict:
             "hash_s": time.perf_counter() - started}
 
 
-def group_of(filename: str) -> str:
-    path = filename.replace("\\", "/")
-    if "/selmix_ray/" in path:
-        return "selmix_ray." + path.rsplit("/selmix_ray/", 1)[1].removesuffix(".py").replace("/", ".")
-    for package in ("torch", "numpy", "scipy", "pyarrow"):
-        if f"/{package}/" in path:
-            return package
-    return "other" if path.startswith(("/", "<frozen")) else path  # builtins: "{method ...}" etc.
-
-
 def child_trial(task: dict) -> dict:
-    from selmix_ray import FinetuneConfig, finetune
+    """One trial timed by part (bench_trial.run_trial), on the cached features; the child's peak memory."""
+    from types import SimpleNamespace
+
+    import torch
+    from bench_trial import run_trial  # benchmarks/ is on sys.path when run as a script
+
     from selmix_ray.features import build_features
 
+    if task.get("threads"):
+        torch.set_num_threads(task["threads"])
     fs = build_features("npz", rho=None, backbone="identity", root=task["npz"], cache_dir=task["cache"],
                         dtype=task["dtype"], progress=False, **task.get("opts", {}))
     assert fs.metadata["cache_hit"], "the trial child expects the features to be cached already"
     rss_features = peak_rss_mb()
-    config = FinetuneConfig(steps=task["steps"], eval_every=task["eval_every"], device="cpu")
-    states = []
-    profile = cProfile.Profile()
-    started = time.perf_counter()
-    profile.enable()
-    history = finetune(fs, config, checkpoint=states.append)
-    profile.disable()
-    wall = time.perf_counter() - started
-    stats = pstats.Stats(profile)
-    by_module: dict[str, float] = {}
-    builtins: dict[str, float] = {}
-    functions = []
-    for (filename, _line, name), (_cc, _nc, tottime, cumtime, _callers) in stats.stats.items():
-        group = group_of(filename)
-        if not group.startswith(("selmix_ray", "torch", "numpy", "scipy", "pyarrow", "other")):
-            builtins[name] = builtins.get(name, 0.0) + tottime
-            group = "builtins (torch/numpy C calls)"
-        by_module[group] = by_module.get(group, 0.0) + tottime
-        if group.startswith("selmix_ray"):
-            functions.append((cumtime, f"{group}.{name}"))
-    functions.sort(reverse=True)
-    history_bytes = len(history.to_json().encode())
-    checkpoint_bytes = None
+    args = SimpleNamespace(steps=task["steps"], eval_every=task["eval_every"], posthoc=task["posthoc"])
     with tempfile.TemporaryDirectory() as folder:
-        try:
-            states[-1].save(Path(folder) / "state.pt")
-            checkpoint_bytes = (Path(folder) / "state.pt").stat().st_size
-        except AttributeError:  # a FinetuneState without save(): report the history alone
-            pass
-    last = history.records[-1]["metrics"]
-    return {"wall_s": wall, "by_module_s": dict(sorted(by_module.items(), key=lambda kv: -kv[1])),
-            "top_functions": [(round(c, 3), n) for c, n in functions[:12]], "reports": len(history.records),
-            "top_builtins": sorted(builtins.items(), key=lambda kv: -kv[1])[:6],
-            "history_bytes": history_bytes, "checkpoint_bytes": checkpoint_bytes, "peak_rss_mb": peak_rss_mb(),
-            "rss_after_load_mb": rss_features, "val_min_recall": last.get("val/min_recall"),
-            "val_mean_recall": last.get("val/mean_recall")}
+        result = run_trial(fs, args, Path(folder) / "trial")
+    return {**result, "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": rss_features}
+
+
+def sweep_vs_plain(npz: str, cache: str, *, steps: int, eval_every: int, storage: Path) -> dict:
+    """A 4-trial search() (2 at a time, 1 CPU each, FIFO) against the same 4 configs as plain processes.
+
+    The driver's baselines are computed first and timed apart (search() reuses them from the cache).
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from bench_sweep import _configs, _init_ray, _plain_trial
+
+    from selmix_ray.baselines import compute_baselines
+    from selmix_ray.features import build_features
+    from selmix_ray.space import load_space
+    from selmix_ray.sweep import search
+
+    fs = build_features("npz", rho=None, backbone="identity", root=npz, cache_dir=cache, progress=False)
+    space_dict = {"objective": "min_recall",
+                  "space": {"lr": {"loguniform": [0.3, 3.0]}, "s": {"uniform": [1.0, 10.0]}},
+                  "fixed": {"steps": steps, "eval_every": eval_every}}
+    started = time.perf_counter()
+    compute_baselines(fs, load_space(space_dict), repeats=1, seed=0)
+    baselines_s = time.perf_counter() - started
+    _init_ray()
+    started = time.perf_counter()
+    run = search(space_dict, features=fs, storage=str(storage), name="scale", num_samples=4, max_concurrent=2,
+                 scheduler="fifo", resources_per_trial={"cpu": 1})
+    tune_s = time.perf_counter() - started
+    configs = _configs(run, load_space(space_dict))
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
+        list(pool.map(_plain_trial, [(c, fs.metadata["build_args"]) for c in configs]))
+    plain_s = time.perf_counter() - started
+    import ray
+
+    ray.shutdown()
+    folder = storage / "scale"
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return {"baselines_s": baselines_s, "tune_s": tune_s, "plain_s": plain_s,
+            "folder_bytes": sum(p.stat().st_size for p in files),
+            "checkpoint_bytes": sum(p.stat().st_size for p in files if "checkpoint_" in str(p.parent)),
+            "baselines_bytes": (folder / "baselines.json").stat().st_size}
 
 
 def run_child(kind: str, task: dict, *, timeout: float) -> dict:
@@ -237,16 +248,10 @@ def print_build(label: str, r: dict) -> None:
 
 
 def print_trial(label: str, r: dict) -> None:
-    checkpoint = "n/a" if r["checkpoint_bytes"] is None else f"{r['checkpoint_bytes'] / 1e3:.0f} kB"
-    print(f"{label}: {r['wall_s']:.1f} s for {r['reports']} reports (profiled); peak memory {r['peak_rss_mb']:.0f} MB "
-          f"({r['rss_after_load_mb']:.0f} MB after loading the features); history {r['history_bytes'] / 1e3:.0f} kB, "
-          f"checkpoint {checkpoint}; "
-          f"final val min/mean recall {r['val_min_recall']:.3f}/{r['val_mean_recall']:.3f}")
-    modules = ", ".join(f"{name} {seconds:.2f}" for name, seconds in list(r["by_module_s"].items())[:8])
-    print(f"    self time by module (s): {modules}")
-    print("    selmix_ray functions by cumulative time (s): "
-          + ", ".join(f"{name.split('.', 1)[1]} {seconds:.2f}" for seconds, name in r["top_functions"][:8]))
-    print("    C calls by self time (s): " + ", ".join(f"{name} {seconds:.2f}" for name, seconds in r["top_builtins"]))
+    from bench_trial import print_trial as print_parts
+
+    print_parts(label, r)
+    print(f"  peak memory {r['peak_rss_mb']:.0f} MB ({r['rss_after_load_mb']:.0f} MB after loading the features)")
 
 
 def main() -> None:
@@ -262,13 +267,20 @@ def main() -> None:
                                                                  "feature norms about sqrt(d), as a ResNet's)")
     parser.add_argument("--old-steps", type=int, default=2, help="steps of the former full-batch fit to time for "
                                                                  "the ratio (default 2; 0 skips)")
+    parser.add_argument("--head-epochs", type=float, nargs="*", default=[],
+                        help="also build with these head_epochs (other caches) and compare the head's quality")
     parser.add_argument("--small-classes", type=int, default=100, help="K of the second trial (default 100)")
     parser.add_argument("--steps", type=int, default=200, help="trial steps (default 200)")
     parser.add_argument("--eval-every", type=int, default=100, help="trial eval_every (default 100)")
+    parser.add_argument("--posthoc", default="class_weights", help="the trials' posthoc (default class_weights)")
+    parser.add_argument("--sweep-steps", type=int, default=100, help="steps of the 4 sweep trials (default 100; "
+                                                                     "eval_every a half of it)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the trial children")
     parser.add_argument("--folder", help="where the npz files and the cache go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the folder")
     parser.add_argument("--skip-float16", action="store_true", help="skip the float16 build and trial")
     parser.add_argument("--skip-trials", action="store_true", help="only the build and the cached load")
+    parser.add_argument("--skip-sweep", action="store_true", help="skip the 4-trial sweep against plain processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", nargs=2, metavar=("KIND", "TASK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -281,68 +293,93 @@ def main() -> None:
 
     folder = Path(args.folder or tempfile.mkdtemp(prefix="bench-scale-"))
     folder.mkdir(parents=True, exist_ok=True)
-    timeout = 1800
     print(f"load average at start: {os.getloadavg()}; cpus: {os.cpu_count()}; folder {folder}")
     try:
-        rho = args.n_max / args.n_min
-        shape = dict(dim=args.dim, n_max=args.n_max, rho=rho, n_val=args.n_val, n_test=args.n_test,
-                     scale=args.scale, noise=args.noise, seed=args.seed)
-        big = folder / f"k{args.classes}.npz"
-        facts = generate(big, classes=args.classes, **shape)
-        print(f"\n== data: K={args.classes}, d={args.dim}, train {facts['train_max']} -> {facts['train_min']} per class, "
-              f"rows {facts['rows']}, {facts['bytes'] / 2**20:.0f} MiB (generated in {facts['generate_s']:.1f} s, "
-              f"written in {facts['write_s']:.1f} s)")
-        cache = str(folder / "cache")
-        head_file = str(folder / "head32.npz")
-        build = run_child("build", {"npz": str(big), "cache": cache, "dtype": "float32", "save_head": head_file,
-                                    "quality": True, "old_steps": args.old_steps}, timeout=timeout)
-        print("\n== build (npz path, backbone='identity', float32; target <= 120 s on 2 cores) ==")
-        print_build("cold build", build)
-        q = build["quality"]
-        if "old_step_s" in build:
-            old = 300 * build["old_step_s"]
-            print(f"former full-batch fit, timed here on the same rows: {build['old_step_s']:.1f} s per step x 300 steps "
-                  f"= {old:.0f} s; the minibatch fit took {build['timings']['head_s']:.1f} s "
-                  f"(ratio {old / build['timings']['head_s']:.1f})")
-        print(f"starting head: val cross-entropy {q['val']['cross_entropy']:.3f}, val mean/min recall "
-              f"{q['val']['mean_recall']:.3f}/{q['val']['min_recall']:.3f}, test mean recall {q['test']['mean_recall']:.3f}")
-        cached = run_child("cached", {"npz": str(big), "cache": cache, "dtype": "float32"}, timeout=timeout)
-        from selmix_ray.features import build_features
-
-        started = time.perf_counter()
-        hit = build_features("npz", rho=None, backbone="identity", root=str(big), cache_dir=cache, progress=False)
-        in_process = time.perf_counter() - started
-        assert cached["cache_hit"] and hit.metadata["cache_hit"]
-        print(f"cached load: {cached['hit_s'] * 1e3:.0f} ms in a fresh process (after {cached['import_s']:.1f} s of "
-              f"imports), {in_process * 1e3:.0f} ms in this one; of which hashing the npz for the key "
-              f"(sha256) {cached['hash_s'] * 1e3:.0f} ms")
-
-        if not args.skip_float16:
-            build16 = run_child("build", {"npz": str(big), "cache": cache, "dtype": "float16",
-                                          "opts": {"head": head_file}}, timeout=timeout)
-            print_build("float16 build (head from the float32 build: no fit)", build16)
-
-        if args.skip_trials:
-            return
-        small = folder / f"k{args.small_classes}.npz"
-        generate(small, classes=args.small_classes, **shape)
-        run_child("build", {"npz": str(small), "cache": cache, "dtype": "float32"}, timeout=timeout)
-        trial = {"cache": cache, "steps": args.steps, "eval_every": args.eval_every}
-        print(f"\n== one trial: head-only SelMix, steps={args.steps}, eval_every={args.eval_every}, CPU ==")
-        small_trial = run_child("trial", {**trial, "npz": str(small), "dtype": "float32"}, timeout=timeout)
-        print_trial(f"K={args.small_classes}, float32", small_trial)
-        big_trial = run_child("trial", {**trial, "npz": str(big), "dtype": "float32"}, timeout=timeout)
-        print_trial(f"K={args.classes}, float32", big_trial)
-        if not args.skip_float16:
-            half_trial = run_child("trial", {**trial, "npz": str(big), "dtype": "float16", "opts": {"head": head_file}},
-                                   timeout=timeout)
-            print_trial(f"K={args.classes}, float16", half_trial)
-            print(f"\npeak memory, float32 vs float16 storage: build {build['peak_rss_mb']:.0f} vs "
-                  f"{build16['peak_rss_mb']:.0f} MB, trial {big_trial['peak_rss_mb']:.0f} vs "
-                  f"{half_trial['peak_rss_mb']:.0f} MB")
+        report(args, folder)
     finally:
+        print(f"\nload average at the end: {os.getloadavg()}")
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def report(args, folder: Path) -> None:
+    timeout = 1800
+    rho = args.n_max / args.n_min
+    shape = dict(dim=args.dim, n_max=args.n_max, rho=rho, n_val=args.n_val, n_test=args.n_test,
+                 scale=args.scale, noise=args.noise, seed=args.seed)
+    big = folder / f"k{args.classes}.npz"
+    facts = generate(big, classes=args.classes, **shape)
+    print(f"\n== data: K={args.classes}, d={args.dim}, train {facts['train_max']} -> {facts['train_min']} per class, "
+          f"rows {facts['rows']}, {facts['bytes'] / 2**20:.0f} MiB (generated in {facts['generate_s']:.1f} s, "
+          f"written in {facts['write_s']:.1f} s)")
+    cache = str(folder / "cache")
+    head_file = str(folder / "head32.npz")
+    build = run_child("build", {"npz": str(big), "cache": cache, "dtype": "float32", "save_head": head_file,
+                                "quality": True, "old_steps": args.old_steps}, timeout=timeout)
+    print("\n== build (npz path, backbone='identity', float32; target <= 120 s on 2 cores) ==")
+    print_build("cold build", build)
+    if "old_step_s" in build:
+        old = 300 * build["old_step_s"]
+        print(f"former full-batch fit, timed here on the same rows: {build['old_step_s']:.1f} s per step x 300 steps "
+              f"= {old:.0f} s; the minibatch fit took {build['timings']['head_s']:.1f} s "
+              f"(ratio {old / build['timings']['head_s']:.1f})")
+    print_quality("starting head (default head_epochs)", build["quality"])
+    for epochs in args.head_epochs:
+        other = run_child("build", {"npz": str(big), "cache": str(folder / f"cache_e{epochs}"), "dtype": "float32",
+                                    "quality": True, "opts": {"head_epochs": epochs}}, timeout=timeout)
+        print_build(f"cold build, head_epochs {epochs}", other)
+        print_quality(f"starting head (head_epochs {epochs})", other["quality"])
+    cached = run_child("cached", {"npz": str(big), "cache": cache, "dtype": "float32"}, timeout=timeout)
+    from selmix_ray.features import build_features
+
+    started = time.perf_counter()
+    hit = build_features("npz", rho=None, backbone="identity", root=str(big), cache_dir=cache, progress=False)
+    in_process = time.perf_counter() - started
+    assert cached["cache_hit"] and hit.metadata["cache_hit"]
+    print(f"cached load: {cached['hit_s'] * 1e3:.0f} ms in a fresh process (after {cached['import_s']:.1f} s of "
+          f"imports), {in_process * 1e3:.0f} ms in this one; of which hashing the npz for the key "
+          f"(sha256) {cached['hash_s'] * 1e3:.0f} ms")
+
+    if not args.skip_float16:
+        build16 = run_child("build", {"npz": str(big), "cache": cache, "dtype": "float16",
+                                      "opts": {"head": head_file}}, timeout=timeout)
+        print_build("float16 build (head from the float32 build: no fit)", build16)
+
+    if args.skip_trials:
+        return
+    small = folder / f"k{args.small_classes}.npz"
+    generate(small, classes=args.small_classes, **shape)
+    run_child("build", {"npz": str(small), "cache": cache, "dtype": "float32"}, timeout=timeout)
+    trial = {"cache": cache, "steps": args.steps, "eval_every": args.eval_every, "posthoc": args.posthoc,
+             "threads": args.threads}
+    print(f"\n== one trial: head-only SelMix, steps={args.steps}, eval_every={args.eval_every}, "
+          f"posthoc={args.posthoc}, CPU, torch threads {args.threads or 'default'} ==")
+    small_trial = run_child("trial", {**trial, "npz": str(small), "dtype": "float32"}, timeout=timeout)
+    print_trial(f"K={args.small_classes}, float32", small_trial)
+    big_trial = run_child("trial", {**trial, "npz": str(big), "dtype": "float32"}, timeout=timeout)
+    print_trial(f"K={args.classes}, float32", big_trial)
+    if not args.skip_float16:
+        half_trial = run_child("trial", {**trial, "npz": str(big), "dtype": "float16", "opts": {"head": head_file}},
+                               timeout=timeout)
+        print_trial(f"K={args.classes}, float16", half_trial)
+        print(f"\npeak memory, float32 vs float16 storage: build {build['peak_rss_mb']:.0f} vs "
+              f"{build16['peak_rss_mb']:.0f} MB, trial {big_trial['peak_rss_mb']:.0f} vs "
+              f"{half_trial['peak_rss_mb']:.0f} MB")
+    if args.skip_sweep:
+        return
+    steps = args.sweep_steps
+    print(f"\n== 4 trials at K={args.classes} (steps={steps}, eval_every={steps // 2}), 2 at a time, 1 CPU each ==")
+    r = sweep_vs_plain(str(big), cache, steps=steps, eval_every=steps // 2, storage=folder / "experiments")
+    print(f"search() (Ray Tune + Optuna) {r['tune_s']:.1f} s vs the same 4 trials as plain processes "
+          f"{r['plain_s']:.1f} s: overhead {100 * (r['tune_s'] / r['plain_s'] - 1):+.1f}%; the driver's baselines "
+          f"before it {r['baselines_s']:.1f} s")
+    print(f"experiment folder {r['folder_bytes'] / 1e6:.1f} MB (checkpoints {r['checkpoint_bytes'] / 1e6:.1f} MB, "
+          f"baselines.json {r['baselines_bytes'] / 1e6:.2f} MB)")
+
+
+def print_quality(label: str, q: dict) -> None:
+    print(f"{label}: val cross-entropy {q['val']['cross_entropy']:.3f}, val mean/min recall "
+          f"{q['val']['mean_recall']:.3f}/{q['val']['min_recall']:.3f}, test mean recall {q['test']['mean_recall']:.3f}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ trial, and returns the record ``search`` writes to ``baselines.json``::
     {"format": 3, "feature_key": ..., "repeats": r, "val_labels": encoded, "test_labels": encoded,
      "baselines": {name: record}}
     record = {"config", "metrics" (the last report), "n_classes", "per_class_recall": {"val": [K], "test": [K]},
-              "val": {"counts": sparse}, "test": {"counts": sparse},
+              "val": {"counts": sparse}, "test": {"counts": sparse},   (history.sparse_counts's form)
               "val_predictions": encoded, "test_predictions": encoded, "seconds"}
 
 where the counts are the confusion counts at each copy's best report, summed over the ``r`` copies
@@ -38,11 +38,13 @@ from .checks import is_number
 from .constants import METRIC_NAMES, SCORE_KEY
 from .errors import SelMixError
 from .history import (
+    counts_classes,
     decode_predictions,
     dense_counts,
     encode_predictions,
     mean_best_recall,
     pooled_best_counts,
+    split_recall,
 )
 
 __all__ = ["BASELINES", "BASELINE_FORMAT", "compute_baselines", "baseline_row", "baseline_score",
@@ -176,8 +178,8 @@ def baseline_recall(record: dict[str, Any], split: str) -> np.ndarray | None:
     if isinstance(per_class, dict) and isinstance(per_class.get(split), list):
         return np.asarray(per_class[split], dtype=float)
     part = _find_split(record, split)
-    if part is not None and isinstance(part.get("recall"), list):
-        return np.asarray(part["recall"], dtype=float)
+    if part is not None and isinstance(part.get("recall"), (list, dict)):
+        return split_recall(part)
     return None
 
 
@@ -214,5 +216,4 @@ def _find_counts(record: dict[str, Any], split: str) -> np.ndarray | None:
     if part is None or "counts" not in part:
         return None
     entries = part["counts"]
-    K = int(record.get("n_classes") or (max(max(r, c) for r, c, _ in entries) + 1))
-    return dense_counts(entries, K)
+    return dense_counts(entries, int(record.get("n_classes") or counts_classes(entries)))

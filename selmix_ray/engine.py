@@ -54,6 +54,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +68,7 @@ from .device import resolve_device
 from .errors import ConfigError, TrainingError
 from .featureset import FeatureSet
 from .gain import gain_matrix
-from .history import History, sparse_counts
+from .history import History, encode_array, sparse_counts
 from .metrics import confusion_counts, joint_confusion, summarize
 from .models import EVAL_CHUNK, build_model
 from .objectives import get_objective
@@ -117,7 +118,7 @@ class FinetuneState:
                 "torch_rng": self.torch_rng,
                 "objective": json.dumps(self.objective),
                 "pseudo_labels": tensor(self.pseudo_labels),
-                "pair_distribution": tensor(self.pair_distribution),
+                "pair_distribution": _pack_distribution(self.pair_distribution),
                 "diagnostics": dict(self.diagnostics),
                 "history": self.history.to_json(),
                 "config": json.dumps(self.config),
@@ -143,12 +144,27 @@ class FinetuneState:
             torch_rng=data["torch_rng"],
             objective=json.loads(data["objective"]),
             pseudo_labels=array(data["pseudo_labels"]),
-            pair_distribution=array(data["pair_distribution"]),
+            pair_distribution=_unpack_distribution(data["pair_distribution"]),
             diagnostics=dict(data["diagnostics"]),
             history=History.from_json(data["history"]),
             config=json.loads(data["config"]),
             block_state=data.get("block_state"),
         )
+
+
+def _pack_distribution(P: np.ndarray | None) -> dict | None:
+    """P (K, K) float64 as zlib-compressed bytes: most entries are the floor's one value, so at K = 1000
+    its 8 MB take about 2.3 MB (states written before hold a float64 tensor; both load)."""
+    if P is None:
+        return None
+    P = np.ascontiguousarray(P, dtype="<f8")
+    return {"dtype": "float64", "shape": list(P.shape), "zlib": zlib.compress(P.tobytes(), 1)}
+
+
+def _unpack_distribution(value) -> np.ndarray | None:
+    if value is None or isinstance(value, torch.Tensor):
+        return None if value is None else value.numpy()
+    return np.frombuffer(zlib.decompress(value["zlib"]), dtype="<f8").astype(np.float64).reshape(value["shape"])
 
 
 # -- the loop ----------------------------------------------------------------------------------------
@@ -278,7 +294,7 @@ class Trainer:
             pseudo_labels=None if self.pseudo_labels is None else self.pseudo_labels.copy(),
             pair_distribution=None if self.P is None else self.P.copy(),
             diagnostics=dict(self.diagnostics),
-            history=History.from_json(self.history.to_json()),
+            history=self.history.copy(),
             config=self.config.to_dict(),
         )
 
@@ -355,7 +371,7 @@ class Trainer:
             prefix = name.replace("_raw", "/raw")
             for m in METRIC_NAMES:
                 metrics[f"{prefix}/{m}"] = float(summary[m])
-            record[name] = {"recall": summary["recall"].tolist(), "counts": sparse_counts(splits[name])}
+            record[name] = {"recall": encode_array(summary["recall"]), "counts": sparse_counts(splits[name])}
 
         # the best report: the first that reached the best validation objective (History.best_index)
         best = self.history.records[self.history.best_index()] if self.history.records else None
@@ -424,7 +440,7 @@ class Trainer:
         self.pseudo_labels = None if state.pseudo_labels is None else np.asarray(state.pseudo_labels)
         self.P = None if state.pair_distribution is None else np.asarray(state.pair_distribution)
         self.diagnostics = dict(state.diagnostics)
-        self.history = History.from_json(state.history.to_json())
+        self.history = state.history.copy()
         self._checked_at = self.step
         self._install_sampler()
 

@@ -83,7 +83,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     # the starting head (see selmix_ray.head and build_features)
     "head": "auto",  # "auto": the npz's stored head, else the backbone's K-class classifier, else ERM; "erm"; or a .npz file (weight, bias)
     "head_steps": 300,  # ERM head: at least this many minibatch Adam steps
-    "head_epochs": 2,  # ERM head: at least this many passes over the train split (its cost at scale)
+    "head_epochs": 1,  # ERM head: at least this many passes over the train split (its cost at scale; head.py)
     "head_batch_size": 1024,  # ERM head: rows per Adam step (full batch when the train split is smaller)
     "head_lr": 0.01,  # ERM head: Adam learning rate (minibatch fits decay it over their last 30% of steps)
     # execution (not part of the cache key)

@@ -30,9 +30,23 @@ A correction adds one offset per class to the logits, ``adjusted = logits + offs
   4. ``log w += eta * benefit / max|benefit|``, centred to mean 0; ``eta`` starts at the median top-1 vs
      top-2 logit gap of the fitting set and decays as ``1 / sqrt(1 + t)``.
 
-  :data:`CLASS_WEIGHT_ROUNDS` rounds, deterministic, O(n K) per round: about 0.15 s for K = 10 and
-  0.5-1 s for K = 100 with 30 samples per class on this (busy) 2-core machine; 300 rounds fitted the
-  fitting set slightly better and did no better on held-out data. With K free weights it fits the
+  :data:`CLASS_WEIGHT_ROUNDS` rounds, deterministic; 300 rounds fitted the fitting set slightly better and
+  did no better on held-out data.
+
+  Cost. Only the samples whose gap to class m lies in (0, eta) matter in step 3, and the arg-max of
+  step 1 only needs each sample's top, so a round works on the (sample, class) entries whose adjusted
+  logit lies within a window of the sample's top (``_NearTop``), not on all n K. The window is
+  ``(1 + _NEAR_RESERVE) * eta`` when the entries are chosen (one dense pass); the offsets then move a gap
+  by at most the range of their drift since, so the entries are chosen again only when a class left out
+  could have come within ``eta`` of its top: the result is the dense computation's bit for bit (the same
+  sums in the same order; tests/test_posthoc.py keeps the dense version as the reference). A fit costs a
+  few dense passes (the logit-adjustment warm start's 13 arg-maxes, the initial step, the choices) plus
+  O(entries + K^2) per round. At K = 1000 with 20 000 validation rows (the ImageNet-LT shape of
+  benchmarks/bench_scale.py) the first window held 84 classes per sample and lasted 30 rounds; a 200-step
+  trial with three reports spent 129 s of 311 s in post-hoc fitting, against 385 s of 496 s with the
+  former O(n K) rounds (benchmarks/bench_trial.py, load average about 20 on 2 cores). What is left is the
+  dense passes (the warm start's 13 arg-maxes above all), which grow as n K must. Cross-fitting splits
+  each class in O(n log n) in all (one stable sort), not one pass over the labels per class. With K free weights it fits the
   fitting set more closely than the one-parameter logit adjustment and can overfit a small validation
   split; cross-fitting (below) shows this honestly.
 
@@ -58,6 +72,7 @@ KINDS = ("none", "logit_adjust", "class_weights")
 TAU_GRID = tuple(0.25 * step for step in range(13))  # logit-adjustment strengths tried: 0, 0.25, ..., 3
 CLASS_WEIGHT_ROUNDS = 100  # exponentiated-gradient rounds of the class-weight fit
 _TIE = 1e-12  # an objective value must beat the best by more than this to replace it
+_NEAR_RESERVE = 4.0  # class-weight fit: classes within (1 + this) * eta of a top are tracked (module docstring)
 
 
 @dataclass(frozen=True)
@@ -160,10 +175,12 @@ def _fit_class_weights(logits, labels, objective, start: np.ndarray, rounds: int
     n_samples, n_classes = logits.shape
     step0 = _initial_step(logits)
     log_w = start - start.mean()
+    near = _NearTop(logits)
     best_log_w, best_key, best_round = log_w.copy(), (-np.inf, -np.inf), 0
     for t in range(rounds):
-        adjusted = logits + log_w
-        pred = adjusted.argmax(axis=1)
+        eta = step0 / np.sqrt(1.0 + t)
+        near.track(log_w, eta)
+        pred = near.predict()
         C = confusion_counts(labels, pred, n_classes) / n_samples
         # objective value first; mean recall breaks ties (e.g. min recall stuck at 0 while classes improve)
         key = (objective.value(C), float(np.mean(np.diag(C) / C.sum(axis=1))))
@@ -171,8 +188,7 @@ def _fit_class_weights(logits, labels, objective, start: np.ndarray, rounds: int
             best_log_w, best_key, best_round = log_w.copy(), key, t
         objective.update(C)
         G = objective.grad(C)  # (K, K): the linear metric <G, C> to raise this round
-        eta = step0 / np.sqrt(1.0 + t)
-        benefit = _switch_benefit(adjusted, pred, labels, G, eta)
+        benefit = near.switch_benefit(labels, G, eta)
         largest = np.abs(benefit).max()
         if largest > 0:
             log_w = log_w + eta * benefit / largest
@@ -188,19 +204,59 @@ def _fit_class_weights(logits, labels, objective, start: np.ndarray, rounds: int
     return Correction("class_weights", best_log_w, params)
 
 
-def _switch_benefit(adjusted, pred, labels, G, eta: float) -> np.ndarray:
-    """(K,) change of <G, C> if the offset of class m alone rose by ``eta``, for every m.
+class _NearTop:
+    """The (sample, class) entries whose adjusted logit lies near the sample's top, kept exact as the
+    offsets drift (module docstring, cost).
 
-    ``adjusted`` (n, K) logits with the current offsets, ``pred`` (n,) their argmax, ``G`` (K, K). A sample
-    switches to m when its gap ``adjusted[pred] - adjusted[m]`` lies in (0, eta), moving 1/n of mass in
-    C from (y, pred) to (y, m).
+    ``track(log_w, eta)`` makes the entries cover every class whose gap to its sample's top is below
+    ``eta`` (and every top); the entries are sorted by sample, then class, as ``np.nonzero`` of a dense
+    (n, K) mask would give them, so sums over them add in the same order as the dense computation.
     """
-    n_samples, n_classes = adjusted.shape
-    gap = adjusted[np.arange(n_samples), pred][:, None] - adjusted  # (n, K), >= 0, 0 at the prediction
-    sample, target = np.nonzero((gap > 0) & (gap < eta))
-    true = labels[sample]
-    change = G[true, target] - G[true, pred[sample]]
-    return np.bincount(target, weights=change, minlength=n_classes) / n_samples
+
+    def __init__(self, logits: np.ndarray):
+        self.logits = logits  # (n, K) float64
+        self.largest = float(max(-logits.min(), logits.max())) if logits.size else 0.0  # once, no (n, K) copy
+        self.base: np.ndarray | None = None  # the offsets the entries were chosen at
+        self.window = 0.0
+
+    def track(self, log_w: np.ndarray, eta: float) -> None:
+        """Set the offsets; re-choose the entries if a class left out could now be within ``eta``."""
+        slack = 1e-9 * (1.0 + self.largest + np.abs(log_w).max())  # float rounding of the sums
+        # a left-out class was >= window below its top at the base; offsets move a gap by at most ptp(drift)
+        if self.base is None or self.window - np.ptp(log_w - self.base) < eta + slack:
+            self._choose(log_w, eta)
+        self.values = self.entry_logits + log_w[self.cls]  # the same float sums as logits + log_w
+        self.top = np.maximum.reduceat(self.values, self.starts)  # (n,)
+        self.gap = self.top[self.sample] - self.values  # >= 0, 0 at the top
+        # the arg-max: the first entry at the top of each sample (the lowest class among ties, as argmax)
+        positions = np.where(self.gap == 0, np.arange(self.gap.size), self.gap.size)
+        self.pred = self.cls[np.minimum.reduceat(positions, self.starts)]
+
+    def _choose(self, log_w: np.ndarray, eta: float) -> None:
+        adjusted = self.logits + log_w  # (n, K)
+        self.window = (1.0 + _NEAR_RESERVE) * eta + 1e-9 * (1.0 + np.abs(adjusted).max())
+        self.sample, self.cls = np.nonzero(adjusted >= adjusted.max(axis=1, keepdims=True) - self.window)
+        self.entry_logits = self.logits[self.sample, self.cls]
+        sizes = np.bincount(self.sample, minlength=self.logits.shape[0])  # >= 1: the top is always in
+        self.starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        self.base = log_w.copy()
+
+    def predict(self) -> np.ndarray:
+        """(n,) arg-max class of ``logits + log_w`` (the lowest class among tied tops, as ``argmax``)."""
+        return self.pred
+
+    def switch_benefit(self, labels: np.ndarray, G: np.ndarray, eta: float) -> np.ndarray:
+        """(K,) change of <G, C> if the offset of class m alone rose by ``eta``, for every m.
+
+        A sample switches to m when its gap ``top - adjusted[m]`` lies in (0, eta), moving 1/n of mass in
+        C from (y, pred) to (y, m).
+        """
+        n_samples, n_classes = self.logits.shape
+        chosen = np.flatnonzero((self.gap > 0) & (self.gap < eta))
+        sample, target = self.sample[chosen], self.cls[chosen]
+        true = labels[sample]
+        change = G[true, target] - G[true, self.pred[sample]]
+        return np.bincount(target, weights=change, minlength=n_classes) / n_samples
 
 
 def _better(key: tuple[float, float], best: tuple[float, float]) -> bool:
@@ -278,8 +334,10 @@ def cross_fitted_predictions(
         )
     rng = np.random.default_rng(seed)
     first = np.zeros(labels.shape[0], dtype=bool)
+    by_class = np.argsort(labels, kind="stable")  # each class's samples in index order, classes in turn: O(n log n)
+    ends = np.cumsum(per_class)
     for k in range(n_classes):
-        members = rng.permutation(np.flatnonzero(labels == k))
+        members = rng.permutation(by_class[ends[k] - per_class[k]:ends[k]])
         first[members[: members.size // 2]] = True
     predicted = np.empty(labels.shape[0], dtype=np.int64)
     for fit_on, score_on in ((first, ~first), (~first, first)):

@@ -9,6 +9,7 @@ import pytest
 
 from selmix_ray.baselines import BASELINES, baseline_recall, baseline_row, baseline_score, compute_baselines
 from selmix_ray.constants import SCORE_KEY
+from selmix_ray.history import dense_counts
 from selmix_ray.metrics import confusion_counts
 from selmix_ray.space import load_space
 
@@ -30,10 +31,7 @@ def test_computed_once_then_read_from_the_cache(digits, cache_home):
     start = first["baselines"]["start"]
     predictions = np.argmax(digits.val.x @ digits.weight.T + digits.bias, axis=1)
     expected = confusion_counts(digits.val.y, predictions, digits.n_classes)
-    stored = np.zeros_like(expected, dtype=float)
-    for row, col, count in start["val"]["counts"]:
-        stored[row, col] = count
-    np.testing.assert_array_equal(stored, expected)
+    np.testing.assert_array_equal(dense_counts(start["val"]["counts"], digits.n_classes), expected)
     recall = np.diag(expected) / expected.sum(axis=1)
     np.testing.assert_allclose(start["per_class_recall"]["val"], recall)
     assert start["metrics"][SCORE_KEY] == pytest.approx(recall.min(), abs=1e-12)

@@ -204,6 +204,24 @@ def test_resumed_run_reports_exactly_what_an_uninterrupted_run_reports(features,
     assert history.to_json() == full_history.to_json()
 
 
+def test_a_state_in_the_former_layout_resumes_the_same(features, tmp_path):
+    """States written before P was compressed hold it as a float64 tensor: they load to the same P."""
+    config = FinetuneConfig.from_dict({**SHORT, "steps": 40, "refresh_every": 7})
+    states = []
+    history = finetune(features, config, checkpoint=states.append)
+    states[2].save(tmp_path / "new.pt")
+    data = torch.load(tmp_path / "new.pt", weights_only=True)
+    assert isinstance(data["pair_distribution"], dict)  # compressed
+    data["pair_distribution"] = torch.from_numpy(np.array(states[2].pair_distribution))
+    torch.save(data, tmp_path / "old.pt")
+    for name in ("new.pt", "old.pt"):
+        state = FinetuneState.load(tmp_path / name)
+        assert np.array_equal(state.pair_distribution, states[2].pair_distribution)
+        assert state.pair_distribution.dtype == np.float64
+        resumed = finetune(features, config, state=dataclasses.replace(state, history=states[2].history))
+        assert resumed.to_json() == history.to_json()
+
+
 def test_resume_refuses_another_config(features, tmp_path):
     states = []
     run_config = FinetuneConfig.from_dict(SHORT)

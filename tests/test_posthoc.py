@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -83,9 +84,11 @@ def test_switch_benefit_matches_reclassifying_each_class():
     adjusted = rng.normal(size=(n_samples, n_classes))
     labels = rng.integers(0, n_classes, size=n_samples)
     G = rng.normal(size=(n_classes, n_classes))
-    pred = adjusted.argmax(axis=1)
     eta = 0.4
-    benefit = posthoc._switch_benefit(adjusted, pred, labels, G, eta)
+    near = posthoc._NearTop(adjusted)
+    near.track(np.zeros(n_classes), eta)
+    assert np.array_equal(near.predict(), adjusted.argmax(axis=1))
+    benefit = near.switch_benefit(labels, G, eta)
 
     def linear(logits):
         C = confusion_counts(labels, logits.argmax(axis=1), n_classes) / n_samples
@@ -95,6 +98,88 @@ def test_switch_benefit_matches_reclassifying_each_class():
         raised = adjusted.copy()
         raised[:, m] += eta
         assert benefit[m] == pytest.approx(linear(raised) - linear(adjusted), abs=1e-12)
+
+
+# -- the former dense computation, O(n K) per round, kept as the reference of the fast one --------------
+
+
+def _dense_switch_benefit(adjusted, pred, labels, G, eta):
+    n_samples, n_classes = adjusted.shape
+    gap = adjusted[np.arange(n_samples), pred][:, None] - adjusted
+    sample, target = np.nonzero((gap > 0) & (gap < eta))
+    true = labels[sample]
+    change = G[true, target] - G[true, pred[sample]]
+    return np.bincount(target, weights=change, minlength=n_classes) / n_samples
+
+
+def _dense_class_weights(logits, labels, objective, start, rounds):
+    n_samples, n_classes = logits.shape
+    step0 = posthoc._initial_step(logits)
+    log_w = start - start.mean()
+    best_log_w, best_key, best_round = log_w.copy(), (-np.inf, -np.inf), 0
+    for t in range(rounds):
+        adjusted = logits + log_w
+        pred = adjusted.argmax(axis=1)
+        C = confusion_counts(labels, pred, n_classes) / n_samples
+        key = (objective.value(C), float(np.mean(np.diag(C) / C.sum(axis=1))))
+        if posthoc._better(key, best_key):
+            best_log_w, best_key, best_round = log_w.copy(), key, t
+        objective.update(C)
+        G = objective.grad(C)
+        eta = step0 / np.sqrt(1.0 + t)
+        benefit = _dense_switch_benefit(adjusted, pred, labels, G, eta)
+        largest = np.abs(benefit).max()
+        if largest > 0:
+            log_w = log_w + eta * benefit / largest
+            log_w -= log_w.mean()
+    return best_log_w, best_round, best_key[0]
+
+
+def _dense_cross_fit_halves(labels, n_classes, seed):
+    rng = np.random.default_rng(seed)
+    first = np.zeros(labels.shape[0], dtype=bool)
+    for k in range(n_classes):  # O(n K): one pass over the labels per class
+        members = rng.permutation(np.flatnonzero(labels == k))
+        first[members[: members.size // 2]] = True
+    return first
+
+
+@pytest.mark.parametrize("reserve", [0.0, 1.0, posthoc._NEAR_RESERVE, 1e6])
+@pytest.mark.parametrize("case", range(6))
+def test_class_weight_fit_equals_the_dense_computation(case, reserve, monkeypatch):
+    # the near-top entries re-chosen every round (reserve 0), sometimes, or never (1e6: every class kept)
+    monkeypatch.setattr(posthoc, "_NEAR_RESERVE", reserve)
+    n_classes = (10, 40, 120)[case % 3]
+    objective_name = ("min_recall", "gmean", "mean_recall")[case % 3]
+    train_counts, (logits, labels), _ = _long_tailed(n_classes=n_classes, per_class=12, seed=20 + case)
+    if case >= 3:  # coarse logits: many exact ties between classes
+        logits = np.round(logits * 2) / 2
+    objective = get_objective(objective_name, train_counts=train_counts)
+    start = np.zeros(n_classes) if case % 2 else posthoc._fit_logit_adjust(logits, labels, objective,
+                                                                              train_counts).offsets
+    fast = posthoc._fit_class_weights(logits, labels, copy.deepcopy(objective), start, 60)
+    log_w, best_round, value = _dense_class_weights(logits, labels, copy.deepcopy(objective), start, 60)
+    assert fast.params["best_round"] == best_round and fast.params["fit_objective"] == value
+    assert np.array_equal(fast.offsets, log_w)  # bit for bit: the same sums in the same order
+
+
+def test_cross_fitted_predictions_equal_the_dense_computation():
+    train_counts, (logits, labels), _ = _long_tailed(n_classes=30, per_class=9, seed=31)
+    shuffled = np.random.default_rng(1).permutation(labels.size)  # classes interleaved, as in real splits
+    logits, labels = logits[shuffled], labels[shuffled]
+    objective = get_objective("min_recall", train_counts=train_counts)
+    for seed in range(3):
+        first = _dense_cross_fit_halves(labels, 30, seed)
+        expected = np.empty(labels.size, dtype=np.int64)
+        for fit_on, score_on in ((first, ~first), (~first, first)):
+            start = posthoc._fit_logit_adjust(logits[fit_on], labels[fit_on], copy.deepcopy(objective),
+                                              train_counts).offsets
+            log_w, _, _ = _dense_class_weights(logits[fit_on], labels[fit_on], copy.deepcopy(objective), start,
+                                               posthoc.CLASS_WEIGHT_ROUNDS)
+            expected[score_on] = (logits[score_on] + log_w).argmax(axis=1)
+        got = posthoc.cross_fitted_predictions("class_weights", logits, labels, objective,
+                                               train_counts=train_counts, n_classes=30, seed=seed)
+        assert np.array_equal(got, expected)
 
 
 @pytest.mark.parametrize("kind", ["logit_adjust", "class_weights"])

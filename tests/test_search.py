@@ -20,6 +20,7 @@ from conftest import SWEEP_DRIVER, trial_results
 
 from selmix_ray.constants import JOURNAL_FILE, MANIFEST_FILE, SCHEDULER_STATE_FILE, SCORE_KEY, STEP_KEY
 from selmix_ray.errors import ConfigError, ExperimentError
+from selmix_ray.history import dense_counts
 
 SPACE = {
     "objective": "min_recall",
@@ -282,11 +283,8 @@ def test_repeats_sweep_checkpoints_every_copy_and_results_load_it(ray_cluster, d
     start = json.loads((experiment / BASELINES_FILE).read_text())["baselines"]["start"]
     predictions = np.argmax(digits.val.x @ digits.weight.T + digits.bias, axis=1)
     expected = 2 * confusion_counts(digits.val.y, predictions, digits.n_classes)
-    stored = np.zeros_like(expected, dtype=float)
-    for row, col, count in start["val"]["counts"]:
-        stored[row, col] = count
-    np.testing.assert_array_equal(stored, expected)
-    assert sum(count for _, _, count in start["test"]["counts"]) == 2 * len(digits.test.y)
+    np.testing.assert_array_equal(dense_counts(start["val"]["counts"], digits.n_classes), expected)
+    assert dense_counts(start["test"]["counts"]).sum() == 2 * len(digits.test.y)
 
 
 @pytest.mark.slow
