@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", choices=["max", "lcb"], help="rank trials by this selection rule instead of each "
                    "experiment's own: max (highest validation value) or lcb (highest lower confidence bound)")
     p.add_argument("--no-intervals", action="store_true", help="leave out confidence intervals, P(beats the best "
-                   "baseline) and the verdict (faster on very large experiments)")
+                   "baseline) and the verdict (faster on very large experiments; a ranking by lcb still "
+                   "computes the intervals it ranks by)")
     _add_output_options(p)
 
     p = commands.add_parser("validate", help="check a search-space file without starting anything",

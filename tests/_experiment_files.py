@@ -105,9 +105,10 @@ def write_experiment(path, *, val_labels, test_labels, trials: dict, baselines: 
         records = {}
         for name, (val_pred, test_pred) in baselines.items():
             value = float(scorer.value(joint_confusion(confusion_counts(val_labels, val_pred, K))))
-            record = {"metrics": {SCORE_KEY: value}, "n_classes": K,
-                      "val": {"counts": _split(val_labels, val_pred, K)["counts"]},
-                      "test": {"counts": _split(test_labels, test_pred, K)["counts"]}}
+            val, test = _split(val_labels, val_pred, K), _split(test_labels, test_pred, K)
+            record = {"metrics": {SCORE_KEY: value}, "n_classes": K, "val": {"counts": val["counts"]},
+                      "test": {"counts": test["counts"]},
+                      "per_class_recall": {"val": val["recall"], "test": test["recall"]}}
             if with_predictions:
                 record["val_predictions"] = encode_predictions(val_pred[None])
                 record["test_predictions"] = encode_predictions(test_pred[None])
