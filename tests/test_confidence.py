@@ -258,3 +258,16 @@ def test_a_real_sweep_pairs_every_trial_and_gives_a_verdict(sweep):
     assert ((df["val/ci_low"] <= df["val/best_objective"] + 1e-12)
             & (df["val/best_objective"] <= df["val/ci_high"] + 1e-12)).all()
     assert set(run.verdicts()) == {"validation", "test"}
+
+
+def test_the_demo_summary_line_carries_the_interval_and_p(three):
+    from selmix_ray.cli import _best_line
+
+    run = load_run(three)
+    best = run.best
+    line = _best_line(run, best)
+    assert f"[90% CI {best['val/ci_low']:.3f}, {best['val/ci_high']:.3f}]" in line
+    assert f"P(beats the best baseline) = {best['p_beats_baseline']:.2f} (paired)" in line
+    assert "select: max" in line and "min_recall 90% CI [" in line
+    bare = load_run(three, intervals=False)
+    assert "CI" not in _best_line(bare, bare.df.iloc[0].to_dict())
