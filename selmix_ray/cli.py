@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import sys
@@ -133,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", choices=["max", "lcb"], help="rank trials by this selection rule instead of each "
                    "experiment's own: max (highest validation value) or lcb (highest lower confidence bound)")
     p.add_argument("--no-intervals", action="store_true", help="leave out confidence intervals, P(beats the best "
-                   "baseline) and the verdict (faster on very large experiments)")
+                   "baseline) and the verdict (faster on very large experiments; a ranking by lcb still "
+                   "computes the intervals it ranks by)")
     _add_output_options(p)
 
     p = commands.add_parser("validate", help="check a search-space file without starting anything",
@@ -366,6 +368,25 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _best_line(run, best: dict) -> str:
+    """The end-of-sweep summary line: the selected trial, its score with its 90% interval and P(beats the best
+    baseline) on validation, and its test metrics (with the objective's test interval)."""
+    def shown(key: str) -> bool:
+        value = best.get(key)
+        return isinstance(value, (int, float)) and math.isfinite(value)  # NaN / absent: no history to resample
+
+    val = f" [90% CI {best['val/ci_low']:.3f}, {best['val/ci_high']:.3f}]" if shown("val/ci_low") else ""
+    if shown("p_beats_baseline"):
+        val += f", P(beats the best baseline) = {best['p_beats_baseline']:.2f} " \
+               f"({'paired' if best.get('paired') else 'unpaired'})"
+    test = (f", {run.objective} 90% CI [{best['test_at_best/ci_low']:.3f}, {best['test_at_best/ci_high']:.3f}]"
+            if shown("test_at_best/ci_low") else "")
+    return (f"[run_search] best trial {best['trial_id']} ({best['status']}, select: {run.select}): "
+            f"val/best_objective={best['val/best_objective']:.4f} ({run.objective}){val}; on test at its "
+            f"best report: min_recall={best['test_at_best/min_recall']:.4f}, "
+            f"mean_recall={best['test_at_best/mean_recall']:.4f}{test}")
+
+
 def _summarise(run, *, plots: str | None, num_samples: int | None, seconds: float | None = None,
                time_budget: float | None = None) -> int:
     """Print the best trial next to the baselines on test, write the plots, say where.
@@ -384,12 +405,7 @@ def _summarise(run, *, plots: str | None, num_samples: int | None, seconds: floa
     print(comparison.to_string(top=5))
     best = run.best
     if best is not None:
-        interval = (f" [90% CI {best['val/ci_low']:.3f}, {best['val/ci_high']:.3f}]"
-                    if best.get("val/ci_low") == best.get("val/ci_low") else "")  # NaN: no history to resample
-        print(f"[run_search] best trial {best['trial_id']} ({best['status']}, select: {run.select}): "
-              f"val/best_objective={best['val/best_objective']:.4f}{interval} ({run.objective}); on test at its "
-              f"best report: min_recall={best['test_at_best/min_recall']:.4f}, "
-              f"mean_recall={best['test_at_best/mean_recall']:.4f}")
+        print(_best_line(run, best))
     _print_plots(write_plots(run, Path(plots) if plots else run.path / "plots", optuna=True))
     if stopped and time_budget is not None and seconds is not None and seconds >= time_budget:
         print(f"[run_search] the time budget of {time_budget:g} s ran out with {len(run.df)} of {num_samples} "

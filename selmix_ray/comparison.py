@@ -114,7 +114,7 @@ def compare(paths: str | os.PathLike | list, *, objective: str | None = None, se
     With ``objective=None`` each run is scored by its own ``val/best_objective``; with a name, every trial
     is re-ranked from its stored confusion counts (no retraining) and every baseline scored from its
     stored values. ``select`` ("max" or "lcb") overrides each run's selection rule; ``intervals=False``
-    leaves out the confidence columns and verdicts (module docstring).
+    leaves out the verdicts and the confidence columns, except for a run ranked by "lcb", which needs them.
     """
     import pandas as pd
 
@@ -125,6 +125,8 @@ def compare(paths: str | os.PathLike | list, *, objective: str | None = None, se
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     runs = [load_run(p, intervals=intervals) for p in paths]
+    for run in runs:  # the lcb rule ranks by val/lcb: its run keeps the confidence columns even without intervals
+        run.with_intervals = intervals or (select or run.select) == "lcb"
     names = [run.name for run in runs]
     for index, run in enumerate(runs):  # two runs with the same name: tell them apart by position
         if names.count(run.name) > 1:

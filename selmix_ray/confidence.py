@@ -52,15 +52,18 @@ from .errors import ConfigError, ExperimentError
 from .history import dense_counts
 from .metrics import joint_confusion
 from .objectives import Objective, get_objective
-from .pairing import check_predictions, compare_predictions
+from .pairing import check_predictions, compare_predictions, pooled_replicates
 from .uncertainty import (
     DEFAULT_LEVEL,
     DEFAULT_RESAMPLES,
     _bounds,
+    _needs_columns,
     _resolve_method,
     _streams,
+    _vectorised,
     bootstrap,
     recall_intervals,
+    replicate_values,
 )
 from .verdicts import SELECTION_RULES, TIE_TOLERANCE, Comparison, Verdict, verdict
 
@@ -179,24 +182,59 @@ def _paired_possible(history, indices, ctx: _Context, split: str) -> bool:
             and indices == [copy.best_index() for copy in history.copies])
 
 
-def _trial_row(trial_id: str, history, ctx: _Context, stream) -> dict[str, Any]:
-    indices = _selected_indices(history, ctx)
+def _trial_row(trial_id: str, history, indices: list[int], ctx: _Context, paired=None) -> dict[str, Any]:
+    """The trial's confidence columns; ``paired``: its and the baseline's validation replicate values on the
+    same resampled images (:func:`_paired_values`), None for an unpaired P(better)."""
     repeats = len(indices)
     method = _resolve_method("auto", ctx.scorer)
     row: dict[str, Any] = {"trial_id": trial_id}
     val = _pooled(history, indices, "val")
     val_point = float(ctx.scorer.value(joint_confusion(val)))
-    val_draws = bootstrap(val, ctx.scorer, resamples=ctx.resamples, seed=stream, repeats=repeats)
+    (val_stream, test_stream) = _streams(ctx.seed, [trial_id, f"test:{trial_id}"])
+    val_draws = bootstrap(val, ctx.scorer, resamples=ctx.resamples, seed=val_stream, repeats=repeats)
     row["val/ci_low"], row["val/ci_high"] = _bounds(val_point, val_draws, ctx.level, method)
     row["val/lcb"] = _bounds(val_point, val_draws, ctx.level, "percentile")[0]
     test = _pooled(history, indices, "test")
     test_point = float(ctx.scorer.value(joint_confusion(test)))
-    test_draws = bootstrap(test, ctx.scorer, resamples=ctx.resamples, seed=stream, repeats=repeats)
+    test_draws = bootstrap(test, ctx.scorer, resamples=ctx.resamples, seed=test_stream, repeats=repeats)
     row["test_at_best/ci_low"], row["test_at_best/ci_high"] = _bounds(test_point, test_draws, ctx.level, method)
-    comparison = _against_baseline(trial_id, history, indices, ctx, val_point, val_draws)
-    row["p_beats_baseline"] = comparison.prob_better if comparison is not None else np.nan
-    row["paired"] = comparison.paired if comparison is not None else None
+    row["p_beats_baseline"], row["paired"] = np.nan, None
+    if ctx.baseline is not None:
+        baseline_point = float(ctx.scorer.value(joint_confusion(ctx.baseline_counts)))
+        trial_draws, baseline_draws = paired if paired is not None else (val_draws, ctx.baseline_draws)
+        comparison = Comparison.from_draws(val_point, baseline_point, trial_draws, baseline_draws, level=ctx.level,
+                                           method=method, paired=paired is not None)
+        row["p_beats_baseline"], row["paired"] = comparison.prob_better, comparison.paired
     return row
+
+
+_BASELINE_KEY = ("baseline",)  # never a trial id (those are strings)
+_PAIRED_CHUNK = 32  # trials resampled together: the same images each time (same seed), bounded memory
+
+
+def _paired_values(histories: dict, selected: dict[str, list[int]], ctx: _Context) -> dict[str, tuple]:
+    """trial id -> (trial, baseline) (B,) validation replicate values, paired on the same resampled images,
+    for every trial whose stored predictions allow it. One image draw serves every trial (the draws of
+    :func:`~selmix_ray.pairing.compare_predictions` with the same seed, so the numbers equal it and the
+    verdict's); only the tally is per trial."""
+    eligible = {}
+    for trial_id, history in histories.items():
+        if _paired_possible(history, selected[trial_id], ctx, "val"):
+            trial = history.val_predictions
+            check_predictions(ctx.labels, trial, [history.confusion(i, "val", c)
+                                                  for c, i in enumerate(selected[trial_id])],
+                              n_classes=history.n_classes, what=f"trial {trial_id}")
+            eligible[trial_id] = trial
+    out: dict[str, tuple] = {}
+    ids = list(eligible)
+    for start in range(0, len(ids), _PAIRED_CHUNK):
+        chunk = {_BASELINE_KEY: ctx.baseline_predictions, **{t: eligible[t] for t in ids[start:start + _PAIRED_CHUNK]}}
+        drawn = pooled_replicates(ctx.labels, chunk, n_classes=int(ctx.baseline_counts.shape[0]),
+                                  resamples=ctx.resamples, seed=ctx.seed, columns=_needs_columns(ctx.scorer),
+                                  full=not _vectorised(ctx.scorer))
+        baseline = replicate_values(ctx.scorer, drawn.pop(_BASELINE_KEY))
+        out.update({t: (replicate_values(ctx.scorer, r), baseline) for t, r in drawn.items()})
+    return out
 
 
 def _against_baseline(trial_id, history, indices, ctx: _Context, point=None, draws=None,
@@ -238,8 +276,9 @@ def trial_intervals(run, *, objective: str | None = None, level: float = DEFAULT
         return pd.DataFrame(columns=["trial_id", *INTERVAL_COLUMNS])
     K = next(iter(histories.values())).n_classes
     ctx = _context(run, objective, level, resamples, seed, K)
-    streams = _streams(seed, list(histories))
-    rows = [_trial_row(t, h, ctx, s) for s, (t, h) in zip(streams, histories.items())]
+    selected = {t: _selected_indices(h, ctx) for t, h in histories.items()}
+    paired = _paired_values(histories, selected, ctx) if ctx.baseline is not None else {}
+    rows = [_trial_row(t, h, selected[t], ctx, paired.get(t)) for t, h in histories.items()]
     return pd.DataFrame(rows, columns=["trial_id", *INTERVAL_COLUMNS])
 
 
@@ -301,9 +340,9 @@ def best_verdicts(run, trial_id: str | None = None, *, objective: str | None = N
     if ctx.baseline is None:
         return {}
     indices = _selected_indices(history, ctx)
-    (stream,) = _streams(seed, [trial_id])
+    streams = _streams(seed, [trial_id, f"test:{trial_id}"])  # as the table's, so the numbers agree
     out = {}
-    for split, label in (("val", "validation"), ("test", "test")):
+    for stream, (split, label) in zip(streams, (("val", "validation"), ("test", "test"))):
         counts = _pooled(history, indices, split)
         point = float(ctx.scorer.value(joint_confusion(counts)))
         draws = bootstrap(counts, ctx.scorer, resamples=resamples, seed=stream, repeats=len(indices))
