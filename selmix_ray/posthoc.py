@@ -43,8 +43,8 @@ A correction adds one offset per class to the logits, ``adjusted = logits + offs
   few dense passes (the logit-adjustment warm start's 13 arg-maxes, the initial step, the choices) plus
   O(entries + K^2) per round. At K = 1000 with 20 000 validation rows (the ImageNet-LT shape of
   benchmarks/bench_scale.py) the first window held 84 classes per sample and lasted 30 rounds; a 200-step
-  trial with three reports spent 129 s of 311 s in post-hoc fitting, against 385 s of 496 s with the
-  former O(n K) rounds (benchmarks/bench_trial.py, load average about 20 on 2 cores). What is left is the
+  trial with three reports spent 101 s of 207 s in post-hoc fitting, against 536 s of 651 s with the
+  former O(n K) rounds, the two run side by side (benchmarks/bench_trial.py, load average 2-9 on 2 cores). What is left is the
   dense passes (the warm start's 13 arg-maxes above all), which grow as n K must. Cross-fitting splits
   each class in O(n log n) in all (one stable sort), not one pass over the labels per class. With K free weights it fits the
   fitting set more closely than the one-parameter logit adjustment and can overfit a small validation
