@@ -1,7 +1,7 @@
 """Sweep-level quality on MNIST-LT (issues 5 and 10): selection rules against post-hoc class weights alone,
 and the coverage of the reported intervals.
 
-    python benchmarks/bench_quality.py sweep --seeds 0-9 --num-samples 40 --storage DIR   # the sweeps (kept)
+    python benchmarks/bench_quality.py sweep --seeds 0-9 --num-samples 16 --steps 1000 --storage DIR  # sweeps, kept
     python benchmarks/bench_quality.py report --seeds 0-9 --storage DIR                   # tables, no training
     python benchmarks/bench_quality.py --seeds 0-2 --num-samples 16                       # both, a small version
 
@@ -19,7 +19,7 @@ mixup, posthoc) into ``DIR/quality-seed<seed>``. ``report`` reads them back (``l
    - lcb: the highest val/lcb (the lower end of the 90% percentile interval, ``search(select="lcb")``);
    - max, gated: the max trial only if its P(beats the best baseline on validation) >= ``--gate``, else
      the best baseline on validation (a user who trusts the verdict keeps the baseline otherwise);
-   - lcb over trials and baselines: the lcb rule with the baselines as candidates too.
+   - max / lcb over trials and baselines: the same rules with the baselines as candidates too.
 3. coverage: for every trial and baseline at its selected report, whether the 90% validation interval
    (confidence, and prediction for 150 images per class) holds its test value; and, splitting the test
    images into two disjoint halves with half of every class (a seeded shuffle per class; the stored per-image
@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 from _common import parse_seeds
 from scipy import stats
 
@@ -121,8 +122,9 @@ def rule_picks(seed: Seed, gate: float) -> dict[str, str]:
         best["trial_id"] if best["p_beats_baseline"] >= gate else seed.best_baseline())
     candidates = {t: seed.counts(t, "val") for t in df["trial_id"]}
     candidates.update({name: seed.counts(name, "val") for name in seed.run.baselines})
-    scores = selection_scores(candidates, seed.objective, rule="lcb")
-    picks["lcb over trials and baselines"] = max(scores, key=scores.__getitem__)
+    for rule in ("max", "lcb"):
+        scores = selection_scores(candidates, seed.objective, rule=rule)
+        picks[f"{rule} over trials and baselines"] = max(scores, key=scores.__getitem__)
     return picks
 
 
@@ -189,6 +191,9 @@ def run_sweeps(args) -> None:
     from selmix_ray.sweep import search
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    space = yaml.safe_load(Path(args.space).read_text())
+    if args.steps is not None:  # a shorter fixed budget per trial (compute), the space otherwise unchanged
+        space["fixed"]["steps"] = args.steps
     started = time.perf_counter()
     for seed in parse_seeds(args.seeds):
         name = f"quality-seed{seed}"
@@ -196,7 +201,7 @@ def run_sweeps(args) -> None:
             print(f"seed {seed}: {name} exists, kept", file=sys.stderr, flush=True)
             continue
         features = build_features("mnist", rho=100, seed=seed, cache_dir=args.cache_dir, progress=False)
-        search(args.space, features=features, storage=args.storage, name=name, num_samples=args.num_samples,
+        search(space, features=features, storage=args.storage, name=name, num_samples=args.num_samples,
                seed=seed, repeats=args.repeats)
         print(f"seed {seed} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     ray.shutdown()
@@ -216,6 +221,7 @@ def collect(args) -> list[dict]:
         selected = {r["pick"] for r in record["rules"].values()}
         record["coverage"] = coverage_records(seed, seed_number, selected)
         record["seed"], record["trials"] = seed_number, len(seed.df)
+        record["steps"] = seed.run.manifest["space"]["fixed"]["steps"]
         out.append(record)
         print(f"seed {seed_number}: {len(seed.df)} trials read", file=sys.stderr, flush=True)
     return out
@@ -284,7 +290,7 @@ def report(args) -> None:
         Path(args.out).write_text(json.dumps(records, indent=1, default=float))
     seeds = [r["seed"] for r in records]
     print(f"\nmnist rho=100, default CNN, seeds {args.seeds} ({len(seeds)} seeds), "
-          f"{records[0]['trials']} trials per sweep (min_recall.yaml, 2000 steps, ASHA); test numbers at the "
+          f"{records[0]['trials']} trials per sweep (min_recall.yaml, {records[0]['steps']} steps, ASHA); test numbers at the "
           f"best validation report; reference: the '{BASELINE}' baseline\n")
     print_kinds(records)
     print()
@@ -300,6 +306,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=60, help="trials per sweep")
     parser.add_argument("--repeats", type=int, default=1,
                         help="seeds trained per configuration, scored by their mean (search(repeats=...))")
+    parser.add_argument("--steps", type=int, default=None, help="override the space's fixed steps per trial")
     parser.add_argument("--space", default=str(ROOT / "search_spaces" / "min_recall.yaml"))
     parser.add_argument("--storage", default=None, help="experiments folder (default: a temporary one)")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: the library's)")
