@@ -1,0 +1,173 @@
+"""The semi-supervised table (issue 10 item 5): MNIST-LT with an unlabeled pool; prints markdown.
+
+    python benchmarks/bench_semisup.py --seeds 0-9 --out semisup.json          # the ten-seed table
+    python benchmarks/bench_semisup.py --report semisup.json                   # reprint from stored results
+    python benchmarks/bench_semisup.py --seeds 100-104 --threshold 0.9         # explore on other seeds
+
+Data: the bundled MNIST subset (500 images per class), balanced validation and test (50 and 150 per
+class, as everywhere in the README), a labeled split of rho = 100 with n_max = 150 (150 ... 1 per class:
+the default n_max = 300 would leave class 0 nothing for a pool), and an unlabeled pool of the remaining
+images with its own profile: uniform (rho_u = 1, 150 per class) or reversed (rho_u = 1/100, 1 ... 150 per
+class, class 9 largest). The default CNN backbone is trained on the labeled split only (the pool never
+reaches it), so "without the pool" is the same FeatureSet with the pool removed: the same backbone, the
+same head, the same labeled split.
+
+Rows, each one finetune run at the library's defaults (2000 steps; defaults chosen on seeds 100-104, never
+on 0-9), or a baseline without training:
+
+- start / post-hoc alone       : the starting head, without and with post-hoc class weights
+- uniform mixup (+ post-hoc)   : method = uniform_mixup, with and without the pool
+- SelMix (+ post-hoc)          : method = selmix, with and without the pool
+
+With the pool, a pair (i, j)'s partner of class j is drawn from pool samples pseudo-labelled j (the pool's
+true labels never reach training); the table also gives the pseudo-labels' accuracy per class (recall of
+each true class and precision of each pseudo-label) at the start and at the end of the default SelMix run.
+Test metrics are at each run's best validation report; ± is the standard deviation over seeds; the
+paired difference column is (row − post-hoc alone) per seed, with its mean, its standard deviation and the
+number of seeds where it is > 0 / < 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+# One thread for BLAS and torch, as Ray gives a 1-CPU trial (OMP_NUM_THREADS=1); set before numpy loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _common import parse_seeds  # noqa: E402
+
+from selmix_ray.engine import FinetuneConfig, Trainer  # noqa: E402
+
+POOLS = {"uniform pool (rho_u = 1)": 1.0, "reversed pool (rho_u = 1/100)": 0.01}
+N_MAX, N_MAX_POOL = 150, 150
+TRAINED = {  # row -> config overrides; each is run without and with the pool
+    "uniform mixup": {"method": "uniform_mixup"},
+    "uniform mixup + post-hoc": {"method": "uniform_mixup", "posthoc": "class_weights"},
+    "SelMix": {"method": "selmix"},
+    "SelMix + post-hoc": {"method": "selmix", "posthoc": "class_weights"},
+}
+BASELINES = {"start": {"steps": 0}, "post-hoc alone": {"steps": 0, "posthoc": "class_weights"}}
+REFERENCE = "post-hoc alone"
+
+
+def pool_features(seed: int, rho_u: float, cache_dir):
+    from selmix_ray.features import build_features
+    return build_features("mnist", rho=100, seed=seed, cache_dir=cache_dir, progress=False, n_max=N_MAX,
+                          rho_unlabeled=rho_u, n_max_unlabeled=N_MAX_POOL)
+
+
+def pseudo_label_accuracy(pseudo: np.ndarray, truth: np.ndarray, K: int) -> dict[str, list[float]]:
+    """Per class: recall of each true class (share of its pool samples labelled right) and precision of
+    each pseudo-label (share of the samples given it that are truly of it); NaN where undefined."""
+    recall = [float(np.mean(pseudo[truth == k] == k)) if np.any(truth == k) else float("nan") for k in range(K)]
+    precision = [float(np.mean(truth[pseudo == k] == k)) if np.any(pseudo == k) else float("nan")
+                 for k in range(K)]
+    return {"recall": recall, "precision": precision, "labelled": float(np.mean(pseudo >= 0))}
+
+
+def run_one(features, overrides: dict, seed: int, threshold: float) -> tuple[dict, dict | None]:
+    """(test metrics at the best validation report, pseudo-label accuracy at start and end or None)."""
+    config = FinetuneConfig.from_dict({"device": "cpu", "seed": seed, "pseudo_label_threshold": threshold,
+                                       **overrides})
+    trainer = Trainer(features, config)
+    pseudo = {}
+    for step in trainer.pending_report_steps():
+        trainer.run_until(step)
+        if trainer.pseudo_labels is not None and "start" not in pseudo:
+            pseudo["start"] = pseudo_label_accuracy(trainer.pseudo_labels, features.unlabeled_true_y,
+                                                    features.n_classes)
+    if trainer.pseudo_labels is not None:
+        pseudo["end"] = pseudo_label_accuracy(trainer.pseudo_labels, features.unlabeled_true_y, features.n_classes)
+    last = trainer.history.metrics[-1]
+    scores = {"min_recall": last["test_at_best/min_recall"], "mean_recall": last["test_at_best/mean_recall"]}
+    return scores, pseudo or None
+
+
+def run_seed(seed: int, args) -> dict:
+    """Every row for one seed and both pools: {pool: {row: {"min_recall", "mean_recall"}}, "pseudo": ...}."""
+    out: dict = {"seed": seed, "pools": {}, "pseudo": {}}
+    for pool_name, rho_u in POOLS.items():
+        features = pool_features(seed, rho_u, args.cache_dir)
+        no_pool = dataclasses.replace(features, unlabeled=None, unlabeled_true_y=None)
+        rows = {}
+        for name, overrides in BASELINES.items():
+            rows[name] = run_one(no_pool, overrides, seed, args.threshold)[0]
+        for name, overrides in TRAINED.items():
+            rows[f"{name}, no pool"] = run_one(no_pool, overrides, seed, args.threshold)[0]
+            rows[f"{name}, with pool"], pseudo = run_one(features, overrides, seed, args.threshold)
+            if name == "SelMix":
+                out["pseudo"][pool_name] = pseudo
+        out["pools"][pool_name] = rows
+    return out
+
+
+def _stats(values: list[float]) -> str:
+    array = np.asarray(values, float)
+    return f"{array.mean():.3f} ± {array.std(ddof=1) if len(array) > 1 else 0.0:.3f}"
+
+
+def print_tables(results: list[dict], threshold: float) -> None:
+    seeds = [r["seed"] for r in results]
+    print(f"\nmnist rho=100 (n_max = {N_MAX}), default CNN, seeds {seeds[0]}-{seeds[-1]} ({len(seeds)} seeds), "
+          f"one default run per row and seed (2000 steps), pseudo_label_threshold = {threshold}; "
+          "test metrics at the best validation report\n")
+    for pool_name in POOLS:
+        rows = results[0]["pools"][pool_name]
+        print(f"\n**{pool_name}**\n")
+        print(f"| row | test min recall | test mean recall | min recall − {REFERENCE} (paired) | > / < |")
+        print("|---|---|---|---|---|")
+        reference = np.array([r["pools"][pool_name][REFERENCE]["min_recall"] for r in results])
+        for row in rows:
+            mins = np.array([r["pools"][pool_name][row]["min_recall"] for r in results])
+            means = [r["pools"][pool_name][row]["mean_recall"] for r in results]
+            diff = mins - reference
+            print(f"| {row} | {_stats(mins)} | {_stats(means)} | {diff.mean():+.3f} ± "
+                  f"{diff.std(ddof=1) if len(diff) > 1 else 0.0:.3f} | "
+                  f"{int(np.sum(diff > 1e-9))} / {int(np.sum(diff < -1e-9))} |")
+    print("\n**Pseudo-labels of the pool (default SelMix run), mean over seeds, per class 0 … 9**\n")
+    print("| pool | when | labelled | recall of each true class | precision of each pseudo-label |")
+    print("|---|---|---|---|---|")
+    for pool_name in POOLS:
+        for when in ("start", "end"):
+            parts = [r["pseudo"][pool_name][when] for r in results]
+            recall = np.nanmean([p["recall"] for p in parts], axis=0)
+            precision = np.nanmean([p["precision"] for p in parts], axis=0)
+            labelled = np.mean([p["labelled"] for p in parts])
+            print(f"| {pool_name} | {when} | {labelled:.2f} | {' '.join(f'{v:.2f}' for v in recall)} | "
+                  f"{' '.join(f'{v:.2f}' for v in precision)} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=parse_seeds, default=list(range(10)), help="e.g. 0-9 or 100-104")
+    parser.add_argument("--threshold", type=float, default=0.0, help="pseudo_label_threshold of every run")
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--out", default=None, help="JSON of every seed's results (written after each seed)")
+    parser.add_argument("--report", default=None, help="print the tables of a stored --out file and stop")
+    args = parser.parse_args()
+    if args.report:
+        stored = json.loads(open(args.report).read())
+        print_tables(stored["results"], stored["threshold"])
+        return
+    torch.set_num_threads(1)
+    results, started = [], time.perf_counter()
+    for seed in args.seeds:
+        results.append(run_seed(seed, args))
+        print(f"seed {seed} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+        if args.out:
+            with open(args.out, "w") as handle:
+                json.dump({"threshold": args.threshold, "results": results}, handle, indent=1)
+    print_tables(results, args.threshold)
+    print(f"\nwall time {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
