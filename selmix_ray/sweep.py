@@ -57,6 +57,7 @@ from .cluster import init_ray, shutdown_ray
 from .constants import BASELINES_FILE, JOURNAL_FILE, MANIFEST_FILE, MAX_FAILURES, STEP_KEY
 from .errors import ConfigError, ExperimentError
 from .manifest import build_manifest, read_manifest, space_differences
+from .ownership import ExperimentLock
 from .progress import ProgressCallback, log
 from .storage import Location, journal_storage, json_bytes, local_journal
 from .tune_adapter import (
@@ -141,7 +142,15 @@ def search(
             f"resume({location.path!r}), or choose another name."
         )
     location.check_writable()
+    with ExperimentLock(location, "search"):
+        if location.exists(MANIFEST_FILE):  # another search of this name got there first
+            raise ExperimentError(f"An experiment named {name!r} was just created at {location.path} by another "
+                                  "process. Choose another name.")
+        return _search_locked(search_space, features, location, options, address=address, callbacks=callbacks,
+                              time_budget_s=time_budget_s, stop=stop)
 
+
+def _search_locked(search_space, features, location, options, *, address, callbacks, time_budget_s, stop):
     manifest = build_manifest(search_space, features, location=location, **options)
     location.write_bytes(MANIFEST_FILE, json_bytes(manifest))
     log(f"experiment {location.path}")
@@ -175,6 +184,11 @@ def resume(path: str | os.PathLike, *, features=None, address: str | None = None
     """
     location = Location.of_experiment(path)
     manifest = read_manifest(location)
+    with ExperimentLock(location, "resume") as lock:
+        return _resume_locked(location, manifest, lock, features=features, address=address, space=space)
+
+
+def _resume_locked(location, manifest, lock, *, features, address, space):
     stored_space = _load_space_checked(manifest["space"], None)
     if space is not None:
         given = _load_space_checked(space, None)
@@ -202,7 +216,7 @@ def resume(path: str | os.PathLike, *, features=None, address: str | None = None
     started_ray = init_ray(address)
     try:
         journal = local_journal(location, restore=True)
-        _remove_orphan_trial_folders(location)
+        _remove_orphan_trial_folders(location, lock)
         trainable = _trainable(features, stored_space, manifest, location)
         tuner = tune.Tuner.restore(location.path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
@@ -210,7 +224,7 @@ def resume(path: str | os.PathLike, *, features=None, address: str | None = None
         _fit(tuner, location, journal)
         # Again at the end: on a cluster that outlived the killed driver (address=..., or the test suite's),
         # Tune's final sync copies that driver's staged params.json/result.json of its orphans back.
-        _remove_orphan_trial_folders(location, when="synced back at the end of the resumed run")
+        _remove_orphan_trial_folders(location, lock, when="synced back at the end of the resumed run")
     finally:
         shutdown_ray(started_ray)
     return _load_run(location, verdict=True)
@@ -401,7 +415,7 @@ def _asha_rungs(*, steps: int, eval_every: int) -> list[int]:
     return rungs
 
 
-def _remove_orphan_trial_folders(location, *, when: str = "started after the last snapshot") -> list[str]:
+def _remove_orphan_trial_folders(location, lock, *, when: str = "started after the last snapshot") -> list[str]:
     """Delete trial folders that the newest experiment snapshot does not list; returns their names.
 
     A driver killed after starting a trial but before the next snapshot leaves that trial's folder
@@ -409,7 +423,14 @@ def _remove_orphan_trial_folders(location, *, when: str = "started after the las
     Where the Ray cluster outlives that driver, its staged files of those trials are still on the node,
     and the resumed run's final sync writes them back into the experiment: ``resume`` therefore calls
     this before and after the run. Nothing is deleted when no snapshot can be read.
+
+    Safe because ``lock`` (the experiment's :class:`~selmix_ray.ownership.ExperimentLock`) is held: no other
+    driver is alive that could be running such a trial or be about to snapshot it, so a folder with a
+    ``params.json`` that the newest readable snapshot does not list belongs to a driver that died (the
+    snapshot Tune restores from is that newest one, and Tune never continues a trial it does not list).
     """
+    if not lock.held:
+        raise RuntimeError("trial folders are removed only under the experiment's lock")
     names = location.listdir()
     snapshots = experiment_state_files(names)
     if not snapshots:

@@ -334,6 +334,7 @@ def test_a_ray_that_search_started_is_shut_down_and_the_callers_is_not(monkeypat
 def test_resume_removes_trial_folders_the_last_snapshot_does_not_list(tmp_path):
     import importlib
 
+    from selmix_ray.ownership import ExperimentLock
     from selmix_ray.storage import Location
 
     sweep = importlib.import_module("selmix_ray.sweep")
@@ -348,13 +349,18 @@ def test_resume_removes_trial_folders_the_last_snapshot_does_not_list(tmp_path):
         json.dumps({"trial_data": [[json.dumps({"relative_logdir": "gone"}), {}]]}))
     (experiment / "experiment_state-2026-01-01_00-00-10.json").write_text(
         json.dumps({"trial_data": [[trial, {}]]}))  # the newest snapshot is the one Tune restores
+    lock = ExperimentLock(Location.of_experiment(experiment), "resume")
+    with pytest.raises(RuntimeError, match="only under the experiment's lock"):
+        sweep._remove_orphan_trial_folders(Location.of_experiment(experiment), lock)
+    lock.acquire()
     for storage in (str(experiment), f"file://{experiment}"):
-        sweep._remove_orphan_trial_folders(Location.of_experiment(storage))
+        sweep._remove_orphan_trial_folders(Location.of_experiment(storage), lock)
         assert sorted(p.name for p in experiment.iterdir() if p.is_dir()) == ["not_a_trial", "run_trial_known_1"]
         (experiment / "run_trial_orphan_2").mkdir()
         (experiment / "run_trial_orphan_2" / "params.json").write_text("{}")
     (experiment / "experiment_state-2026-01-01_00-00-10.json").write_text('{"trial_data": [')  # half-written
-    assert sweep._remove_orphan_trial_folders(Location.of_experiment(experiment)) == []
+    assert sweep._remove_orphan_trial_folders(Location.of_experiment(experiment), lock) == []
+    lock.release()
     assert (experiment / "run_trial_orphan_2").is_dir()
 
 
