@@ -1,7 +1,8 @@
 """A driver SIGKILLed while the Ray cluster lives on, then resumed from other processes (issue 11 item 1).
 
 Each repetition: a child driver connected to the test session's cluster runs a 4-trial ASHA sweep that
-checkpoints at every report (the most checkpoint churn), is SIGKILLed after k reports are on disk (k varies
+checkpoints at every report (odd repetitions: the most checkpoint churn) or as search() does by default
+(even ones), is SIGKILLed after k reports are on disk (k varies
 over the repetitions, independent of when Tune snapshots), and two ``run_search.py resume`` processes are
 started at once. Checked each time: the snapshot left by the kill lists no missing checkpoint, exactly one
 resume runs (a second one is refused by the lock, or starts after the first ended), the experiment ends
@@ -77,7 +78,7 @@ def _one_repetition(ray_cluster, tmp_path: Path, rep: int) -> dict:
     experiment = tmp_path / name
     driver = subprocess.Popen(
         [sys.executable, SWEEP_DRIVER, ray_cluster, str(tmp_path), name, str(NUM_SAMPLES), json.dumps(SPACE),
-         str(rep), "asha", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+         str(rep), "asha", "1" if rep % 2 else "0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     kill_after_results(driver, experiment, k=6 + 4 * (rep % 5))
     time.sleep(1.0)  # the killed driver's trials stop with it
     outcome = {"missing": _missing_listed_checkpoints(experiment), "finished": _finished_on_disk(experiment),
@@ -104,17 +105,17 @@ def _one_repetition(ray_cluster, tmp_path: Path, rep: int) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("rep", range(REPETITIONS))
 def test_a_sigkilled_driver_always_resumes_to_exactly_num_samples_trials(ray_cluster, digits, cache_home,
-                                                                          tmp_path):
-    outcomes = [_one_repetition(ray_cluster, tmp_path, rep) for rep in range(REPETITIONS)]
-    report = json.dumps(outcomes, indent=1, default=str)
-    resumed = [o for o in outcomes if o["snapshot"]]
-    assert len(resumed) >= REPETITIONS - 2, report  # a kill before the first snapshot is rare
-    for outcome in outcomes:
-        assert outcome["missing"] == [], report  # the snapshot never lists a deleted checkpoint
-    for outcome in resumed:
-        assert outcome["trials"] == NUM_SAMPLES, report
-        assert outcome["tune"] == ["TERMINATED"] * NUM_SAMPLES, report  # none ERROR (FAILED) after the kill
-        assert outcome["optuna"].get("COMPLETE", 0) + outcome["optuna"].get("PRUNED", 0) == NUM_SAMPLES, report
-        assert outcome["optuna"].get("RUNNING", 0) == 0, report
-        assert outcome["changed"] == {}, report
+                                                                          tmp_path, rep):
+    """One repetition per test (each within the per-test timeout); together they catch a 1-in-5 failure."""
+    outcome = _one_repetition(ray_cluster, tmp_path, rep)
+    report = json.dumps(outcome, indent=1, default=str)
+    assert outcome["missing"] == [], report  # the snapshot left by the kill lists no deleted checkpoint
+    if not outcome["snapshot"]:
+        pytest.skip("killed before Tune's first snapshot (resume refuses that: test_search)")
+    assert outcome["trials"] == NUM_SAMPLES, report
+    assert outcome["tune"] == ["TERMINATED"] * NUM_SAMPLES, report  # none ERROR (FAILED) after the kill
+    assert outcome["optuna"].get("COMPLETE", 0) + outcome["optuna"].get("PRUNED", 0) == NUM_SAMPLES, report
+    assert outcome["optuna"].get("RUNNING", 0) == 0, report
+    assert outcome["changed"] == {}, report
