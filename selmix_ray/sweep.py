@@ -71,6 +71,7 @@ from .tune_adapter import (
     PicklableNSGAIISampler,
     SnapshotCallback,
     StudySearch,
+    damaged_snapshot_files,
     experiment_state_files,
     parse_experiment_state,
     quiet_snapshot_warning,
@@ -204,6 +205,12 @@ def _resume_locked(location, manifest, lock, *, features, address, space):
             f"Cannot resume {location.path}: Ray Tune saved no experiment state there yet (the sweep was "
             "stopped before its first snapshot). Start it again with search() under a new name."
         )
+    damaged = damaged_snapshot_files(location.listdir(), location.read_bytes)
+    if damaged:
+        raise ExperimentError(
+            f"Cannot resume {location.path}: Ray Tune's snapshot files {', '.join(damaged)} are truncated (the "
+            "driver was killed while Tune was writing them), so Tune would restore no trial. The finished "
+            "trials stay readable (compare, load_run); start the sweep again with search() under a new name.")
     journal = local_journal(location, restore=True)
     listed = _listed_trials(location)
     check_journal(journal, study_name=manifest["name"], tune_trials=listed)  # before anything is written

@@ -60,6 +60,7 @@ __all__ = [
     "parse_experiment_state",
     "read_trial_states",
     "snapshot_checkpoints",
+    "damaged_snapshot_files",
     "TUNE_TRIAL_ID_ATTR",
     "read_journal_trial_links",
     "journal_op_codes",
@@ -170,6 +171,37 @@ def snapshot_checkpoints(data: str | bytes) -> dict[str, set[str]]:
         return out
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"not a Tune experiment snapshot: {error!r}") from None
+
+
+SNAPSHOT_FILE_PREFIXES = (EXPERIMENT_STATE_PREFIX, "searcher-state-", "search_gen_state-")
+
+
+def damaged_snapshot_files(names: list[str], read) -> list[str]:
+    """The newest experiment snapshot's files (``experiment_state-``, ``searcher-state-``,
+    ``search_gen_state-`` (a pickle), ``tuner.pkl``) among ``names`` that are torn: JSON that does not parse, a pickle
+    whose opcodes do not reach STOP (checked with ``pickletools``, never loaded). ``read(name)`` -> bytes.
+
+    Tune uploads a snapshot by rewriting these files in place, so a driver killed during the upload leaves
+    them truncated (seen: an empty ``experiment_state``), and ``Tuner.restore`` then restores no trial.
+    """
+    import pickletools
+
+    newest = [n for n in names if n == "tuner.pkl"]
+    for prefix in SNAPSHOT_FILE_PREFIXES:
+        newest += sorted(n for n in names if n.startswith(prefix))[-1:]
+    damaged = []
+    for name in newest:
+        data = read(name)
+        try:
+            if name.startswith(EXPERIMENT_STATE_PREFIX):  # search_gen_state-*.json is a pickle, despite its name
+                json.loads(data)
+            else:
+                list(pickletools.genops(data))
+                if not data.endswith(b"."):
+                    raise ValueError("no STOP opcode")
+        except Exception:  # noqa: BLE001 (any parse failure means torn)
+            damaged.append(name)
+    return damaged
 
 
 # -- Optuna's journal (no Optuna needed) ---------------------------------------------------------------

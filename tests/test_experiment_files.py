@@ -113,6 +113,26 @@ def test_a_torn_tail_is_cut_with_a_backup_and_resume_restores_every_trial(ray_cl
     assert len(list(experiment.glob(f"{JOURNAL_FILE}.torn-*"))) == 1
 
 
+def test_a_snapshot_torn_by_a_kill_during_tunes_upload_is_refused_naming_it(sweep, digits, tmp_path):
+    """Tune rewrites its snapshot files in place; a driver killed meanwhile leaves them truncated (seen in the
+    killed-driver tests: an empty experiment_state), and Tune would then restore no trial and exit 0."""
+    from selmix_ray.sweep import resume
+    from selmix_ray.tune_adapter import damaged_snapshot_files
+
+    for prefix in ("experiment_state-", "searcher-state-", "search_gen_state-", "tuner.pkl"):
+        experiment = tmp_path / prefix / "single"
+        shutil.copytree(sweep, experiment)
+        name = sorted(p.name for p in experiment.iterdir() if p.name.startswith(prefix))[-1]
+        data = (experiment / name).read_bytes()
+        (experiment / name).write_bytes(data[: len(data) // 2])
+        before = _fingerprint(experiment)
+        with pytest.raises(ExperimentError, match=f"snapshot files {name} are truncated"):
+            resume(experiment, features=digits)
+        assert _fingerprint(experiment) == before
+        (experiment / name).write_bytes(data)
+        assert damaged_snapshot_files(os.listdir(experiment), lambda n, e=experiment: (e / n).read_bytes()) == []
+
+
 # -- item 4: moved and copied experiments ----------------------------------------------------------------
 
 
