@@ -5,7 +5,8 @@ from __future__ import annotations
 # Experiment directory: <storage>/<name>/
 MANIFEST_FILE = "selmix_run.json"
 JOURNAL_FILE = "optuna_journal.log"  # the only file whose name contains "journal"
-SCHEDULER_STATE_FILE = "scheduler_state.pkl"
+SCHEDULER_STATE_FILE = "scheduler_state.json"  # ASHA's rungs as JSON data (never a pickle)
+LEGACY_SCHEDULER_STATE_FILE = "scheduler_state.pkl"  # what experiments before JSON wrote (resume reads it)
 BASELINES_FILE = "baselines.json"
 
 # Inside each Tune checkpoint directory.

@@ -22,8 +22,14 @@ and adds what plain Ray Tune lacks:
   training counts, repeats, seed and versions; ``resume`` refuses a space that differs from it;
 - trials checkpoint at step 0, every ``checkpoint_every``-th report, at ASHA's rungs and at the end (not at
   every report): a checkpoint holds the whole history, so checkpointing every report would write
-  O(reports^2) bytes per trial and make Tune force an experiment snapshot every ``CHECKPOINTS_KEPT``
-  checkpoints of a trial. A retried trial replays the few reports after its last checkpoint (same values);
+  O(reports^2) bytes per trial. A retried trial replays the few reports after its last checkpoint (same
+  values);
+- Tune keeps every checkpoint (``num_to_keep=None``): with a limit, Tune deletes a trial's older
+  checkpoints while the experiment snapshot on storage still lists them, and a driver killed in that
+  window leaves a snapshot whose trial cannot be restored ("does not exist on storage anymore"; about 1
+  resume in 5 on a cluster that outlived its driver). ``resume`` removes, at its end and under the lock,
+  the checkpoints that no longer appear in the final snapshot (those a killed driver wrote after its last
+  snapshot): nothing restores from them, and ``results`` would read them as a trial's newest;
 - a Ray that ``search``/``resume`` initialised themselves is shut down when they return (a local one
   stops; a cluster reached through ``address`` is only disconnected); one the caller initialised is left
   as it is.
@@ -56,16 +62,21 @@ from .checks import int_problem, is_number
 from .cluster import check_resources, init_ray, shutdown_ray
 from .constants import BASELINES_FILE, JOURNAL_FILE, MANIFEST_FILE, MAX_FAILURES, STEP_KEY
 from .errors import ConfigError, ExperimentError
+from .journal import check_journal
 from .manifest import build_manifest, read_manifest, space_differences
+from .ownership import ExperimentLock
 from .progress import ProgressCallback, log
 from .storage import Location, journal_storage, json_bytes, local_journal
 from .tune_adapter import (
     PicklableNSGAIISampler,
     SnapshotCallback,
     StudySearch,
+    damaged_snapshot_files,
     experiment_state_files,
     parse_experiment_state,
     quiet_snapshot_warning,
+    snapshot_checkpoints,
+    use_current_objects,
 )
 
 __all__ = ["search", "resume", "SCHEDULERS", "SAMPLERS", "StudySearch", "SnapshotCallback", "ProgressCallback",
@@ -73,8 +84,6 @@ __all__ = ["search", "resume", "SCHEDULERS", "SAMPLERS", "StudySearch", "Snapsho
 
 SCHEDULERS = ("asha", "fifo")  # asha: early stopping on "step"; fifo: every trial runs to the end
 SAMPLERS = ("tpe", "nsga2", "random")  # tpe (default; NSGA-II when multi-objective), nsga2, random
-CHECKPOINTS_KEPT = 4  # per trial; the newest is what a retry resumes from (Tune forces an experiment
-#                       snapshot each time a trial has written this many checkpoints since the last one)
 ASHA_REDUCTION_FACTOR = 3
 ASHA_GRACE_FRACTION = 1 / 9  # grace period ~ steps / 9, rounded up to a multiple of eval_every
 _Location = Location  # the name that experiments started before storage.py pickled (resume unpickles it)
@@ -144,6 +153,17 @@ def search(
             f"resume({location.path!r}), or choose another name."
         )
     location.check_writable()  # creates the (empty) experiment folder
+    with ExperimentLock(location, "search"):
+        if location.exists(MANIFEST_FILE):  # another search of this name got there first
+            raise ExperimentError(f"An experiment named {name!r} was just created at {location.path} by another "
+                                  "process. Choose another name.")
+        return _search_locked(search_space, features, location, options, address=address,
+                              connect_timeout_s=connect_timeout_s, callbacks=callbacks, time_budget_s=time_budget_s,
+                              stop=stop)
+
+
+def _search_locked(search_space, features, location, options, *, address, connect_timeout_s, callbacks,
+                   time_budget_s, stop):
     started_ray = _start_ray_checked(location, address, connect_timeout_s, options, search_space)
     try:
         manifest = build_manifest(search_space, features, location=location, **options)
@@ -176,6 +196,53 @@ def resume(path: str | os.PathLike, *, features=None, address: str | None = None
     """
     location = Location.of_experiment(path)
     manifest = read_manifest(location)
+    with ExperimentLock(location, "resume") as lock:
+        return _resume_locked(location, manifest, lock, features=features, address=address, space=space,
+                              connect_timeout_s=connect_timeout_s)
+
+
+def _resume_locked(location, manifest, lock, *, features, address, space, connect_timeout_s):
+    stored_space, features = _resume_inputs(location, manifest, features=features, space=space)
+    from ray import tune
+
+    if not tune.Tuner.can_restore(location.path):
+        raise ExperimentError(
+            f"Cannot resume {location.path}: Ray Tune saved no experiment state there yet (the sweep was "
+            "stopped before its first snapshot). Start it again with search() under a new name."
+        )
+    damaged = damaged_snapshot_files(location.listdir(), location.read_bytes)
+    if damaged:
+        raise ExperimentError(
+            f"Cannot resume {location.path}: Ray Tune's snapshot files {', '.join(damaged)} are truncated (the "
+            "driver was killed while Tune was writing them), so Tune would restore no trial. The finished "
+            "trials stay readable (compare, load_run); start the sweep again with search() under a new name.")
+    journal = local_journal(location, restore=True)
+    listed = _listed_trials(location)
+    check_journal(journal, study_name=manifest["name"], tune_trials=listed)  # before anything is written
+    started_ray = init_ray(address, connect_timeout_s=connect_timeout_s)
+    try:
+        check_resources(manifest["resources_per_trial"], devices=[stored_space.fixed.get("device", "auto")])
+        _remove_orphan_trial_folders(location, lock)
+        tuner = tune.Tuner.restore(location.path, trainable=_trainable(features, stored_space, manifest, location),
+                                   resume_unfinished=True, resume_errored=True)
+        _use_this_place(tuner, stored_space, manifest, location, journal)
+        log(f"resuming {location.path}")
+        _fit(tuner, location, journal)
+        # Again at the end: on a cluster that outlived the killed driver (address=..., or the test suite's),
+        # Tune's final sync copies that driver's staged params.json/result.json of its orphans back.
+        _remove_orphan_trial_folders(location, lock, when="synced back at the end of the resumed run")
+        _remove_unlisted_checkpoints(location, lock)
+        if _listed_trials(location) < listed:
+            raise ExperimentError(f"Resuming {location.path} restored fewer trials than its snapshot listed "
+                                  f"({_listed_trials(location)} of {listed}); its files are damaged.")
+    finally:
+        shutdown_ray(started_ray)
+    return _load_run(location, verdict=True)
+
+
+def _resume_inputs(location, manifest, *, features, space):
+    """(the stored space, the features): ``space`` compared with the stored one, ``features`` rebuilt or
+    checked against the manifest's key."""
     stored_space = _load_space_checked(manifest["space"], None)
     if space is not None:
         given = _load_space_checked(space, None)
@@ -192,30 +259,24 @@ def resume(path: str | os.PathLike, *, features=None, address: str | None = None
             f"Cannot resume {location.path}: it was run on features {manifest['feature_key']!r}, but the "
             f"features given have key {features.key!r}. Pass the same features, or none to rebuild them."
         )
+    return stored_space, features
 
-    from ray import tune
 
-    if not tune.Tuner.can_restore(location.path):
+def _use_this_place(tuner, search_space, manifest, location, journal) -> None:
+    """Point the restored Tuner's searcher, scheduler and snapshot callback at this experiment folder and
+    journal (Tune's pickles name the folder where the sweep started: a moved or copied experiment would
+    otherwise read and write the original). Through Ray Client this cannot be done: a moved experiment is
+    refused there."""
+    tune_config, run_config = _tuner_configs(search_space, manifest, location, journal)
+    snapshot = next(cb for cb in run_config.callbacks if isinstance(cb, SnapshotCallback))
+    if use_current_objects(tuner, tune_config, snapshot):
+        return
+    started_at = os.path.join(manifest.get("storage", location.storage), manifest["name"])
+    if started_at != location.path:
         raise ExperimentError(
-            f"Cannot resume {location.path}: Ray Tune saved no experiment state there yet (the sweep was "
-            "stopped before its first snapshot). Start it again with search() under a new name."
-        )
-    started_ray = init_ray(address, connect_timeout_s=connect_timeout_s)
-    try:
-        check_resources(manifest["resources_per_trial"], devices=[stored_space.fixed.get("device", "auto")])
-        journal = local_journal(location, restore=True)
-        _remove_orphan_trial_folders(location)
-        trainable = _trainable(features, stored_space, manifest, location)
-        tuner = tune.Tuner.restore(location.path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
-        log(f"resuming {location.path}")
-        _fit(tuner, location, journal)
-        # Again at the end: on a cluster that outlived the killed driver (address=..., or the test suite's),
-        # Tune's final sync copies that driver's staged params.json/result.json of its orphans back.
-        _remove_orphan_trial_folders(location, when="synced back at the end of the resumed run")
-    finally:
-        shutdown_ray(started_ray)
-    return _load_run(location, verdict=True)
+            f"Cannot resume {location.path} through Ray Client: it was started at {started_at}, and Tune's "
+            "files name that place. Resume it from a driver on the cluster (address='auto'), or from its "
+            "original place.")
 
 
 def _start_ray_checked(location, address, connect_timeout_s, options, search_space) -> bool:
@@ -384,7 +445,7 @@ def _tuner_configs(search_space, manifest, location, journal: Path, *, callbacks
         name=location.name,
         storage_path=location.storage,
         failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # keep all: see the module docstring
         stop=stop,
         callbacks=[
             *loggers,
@@ -420,7 +481,7 @@ def _asha_rungs(*, steps: int, eval_every: int) -> list[int]:
     return rungs
 
 
-def _remove_orphan_trial_folders(location, *, when: str = "started after the last snapshot") -> list[str]:
+def _remove_orphan_trial_folders(location, lock, *, when: str = "started after the last snapshot") -> list[str]:
     """Delete trial folders that the newest experiment snapshot does not list; returns their names.
 
     A driver killed after starting a trial but before the next snapshot leaves that trial's folder
@@ -428,7 +489,14 @@ def _remove_orphan_trial_folders(location, *, when: str = "started after the las
     Where the Ray cluster outlives that driver, its staged files of those trials are still on the node,
     and the resumed run's final sync writes them back into the experiment: ``resume`` therefore calls
     this before and after the run. Nothing is deleted when no snapshot can be read.
+
+    Safe because ``lock`` (the experiment's :class:`~selmix_ray.ownership.ExperimentLock`) is held: no other
+    driver is alive that could be running such a trial or be about to snapshot it, so a folder with a
+    ``params.json`` that the newest readable snapshot does not list belongs to a driver that died (the
+    snapshot Tune restores from is that newest one, and Tune never continues a trial it does not list).
     """
+    if not lock.held:
+        raise RuntimeError("trial folders are removed only under the experiment's lock")
     names = location.listdir()
     snapshots = experiment_state_files(names)
     if not snapshots:
@@ -445,6 +513,49 @@ def _remove_orphan_trial_folders(location, *, when: str = "started after the las
     if orphans:
         log(f"removed {len(orphans)} trial folder(s) unknown to Tune ({when}): {', '.join(orphans)}")
     return orphans
+
+
+def _listed_trials(location) -> int:
+    """How many trials the newest readable experiment snapshot lists (0: none readable)."""
+    for name in reversed(experiment_state_files(location.listdir())):
+        try:
+            return len(parse_experiment_state(location.read_bytes(name)))
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
+def _remove_unlisted_checkpoints(location, lock) -> list[str]:
+    """Delete the checkpoint folders of listed trials that the newest snapshot does not mention.
+
+    Called at the end of a resume whose ``tuner.fit()`` returned: Tune has written its final snapshot, and
+    with ``num_to_keep=None`` that snapshot mentions every checkpoint a trial registered since it started
+    (its checkpoint manager was restored from the previous snapshot and only grew). A checkpoint folder it
+    does not mention was written by a killed driver after its last snapshot: Tune never restores from it,
+    and ``results`` would take it for the trial's newest. ``lock`` held: no other driver is writing
+    checkpoints. Nothing is deleted when the newest snapshot cannot be read. Returns "trial/checkpoint" names.
+    """
+    if not lock.held:
+        raise RuntimeError("checkpoints are removed only under the experiment's lock")
+    snapshots = experiment_state_files(location.listdir())
+    if not snapshots:
+        return []
+    try:
+        mentioned = snapshot_checkpoints(location.read_bytes(snapshots[-1]))
+    except (OSError, ValueError):
+        return []
+    removed = []
+    for folder, names in mentioned.items():
+        if not location.exists(folder):
+            continue
+        for entry in Location(location.path, folder).listdir():
+            if entry.startswith("checkpoint_") and entry not in names:
+                location.remove_dir(f"{folder}/{entry}")
+                removed.append(f"{folder}/{entry}")
+    if removed:
+        log(f"removed {len(removed)} checkpoint(s) that Tune's final snapshot does not list (written by a killed "
+            "driver after its last snapshot)")
+    return removed
 
 
 def _fit(tuner, location, journal: Path) -> None:

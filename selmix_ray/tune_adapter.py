@@ -6,13 +6,20 @@ What selmix-ray relies on beyond their public APIs, and the function or class th
   ``_completed_trials``, and its ``save``/``restore`` pickling ``__dict__`` (:class:`StudySearch`);
 - Optuna's ``NSGAIISampler`` holding an unpicklable ``threading.Lock`` as ``_thread_lock``
   (:class:`PicklableNSGAIISampler`);
+- ASHA's ``_brackets`` (each with ``_rungs``: a list of (milestone, {trial id: value})), ``_trial_info``
+  (trial id -> bracket), ``_num_stopped`` and ``_counter`` (:func:`scheduler_state`);
 - Tune calling every callback's ``get_state`` when it writes an experiment snapshot, and never restoring
   a scheduler's state on ``Tuner.restore`` (:class:`SnapshotCallback`);
+- ``Tuner._local_tuner._tune_config`` / ``._run_config`` holding the searcher, scheduler and callbacks
+  that ``Tuner.restore`` unpickled from ``tuner.pkl`` (:func:`use_current_objects`), and ``OptunaSearch``
+  keeping its journal storage as ``_storage`` (:class:`StudySearch`'s ``restore``);
 - the text of the warning that ``ray.tune.execution.experiment_state`` logs at frequent snapshots
   (:func:`quiet_snapshot_warning`);
 - the layout of Tune's ``experiment_state-<time>.json`` files: ``{"trial_data": [[trial_json,
   runtime_json], ...]}`` with ``trial_id``, ``status`` and ``relative_logdir`` in the trial's JSON and
-  ``num_failures`` in the runtime JSON (:func:`parse_experiment_state`, :func:`read_trial_states`);
+  ``num_failures`` in the runtime JSON (:func:`parse_experiment_state`, :func:`read_trial_states`), and the
+  trial's checkpoint manager as a hex ``CLOUDPICKLE_FALLBACK`` blob in the runtime JSON whose bytes name
+  the trial's ``checkpoint_XXXXXX`` folders (:func:`snapshot_checkpoints`, which never unpickles it);
 - the lines of Optuna's journal file (JSON objects with ``op_code`` 0 create study, 4 create trial, 8 set
   a trial's user attribute; trial ids global, numbers per study, both in creation order), read without
   importing Optuna so that ``results`` stays Optuna-free (:func:`read_journal_trial_links`).
@@ -38,7 +45,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from .constants import JOURNAL_FILE, SCHEDULER_STATE_FILE, STEP_KEY
+from .constants import JOURNAL_FILE, LEGACY_SCHEDULER_STATE_FILE, SCHEDULER_STATE_FILE, STEP_KEY
 
 __all__ = [
     "TESTED_VERSIONS",
@@ -52,8 +59,14 @@ __all__ = [
     "experiment_state_files",
     "parse_experiment_state",
     "read_trial_states",
+    "snapshot_checkpoints",
+    "damaged_snapshot_files",
     "TUNE_TRIAL_ID_ATTR",
     "read_journal_trial_links",
+    "journal_op_codes",
+    "use_current_objects",
+    "scheduler_state",
+    "restore_scheduler_state",
 ]
 
 # package -> (lowest tested, first untested) release: [low, high). Widen only after the adapter tests pass.
@@ -133,9 +146,72 @@ def read_trial_states(folder: str | os.PathLike) -> dict[str, TuneTrialState]:
     return {}
 
 
+_CHECKPOINT_NAME = re.compile(r"checkpoint_\d{6}")
+
+
+def snapshot_checkpoints(data: str | bytes) -> dict[str, set[str]]:
+    """{trial folder: names of the checkpoint folders it mentions} in one experiment snapshot's text.
+
+    A superset of what Tune can restore from: every ``checkpoint_XXXXXX`` name found in the trial's records,
+    its pickled checkpoint manager read as bytes (never unpickled). ValueError when the text is not a
+    readable snapshot or a trial has no folder name.
+    """
+    try:
+        out = {}
+        for trial_json, runtime_json in json.loads(data)["trial_data"]:
+            folder = json.loads(trial_json).get("relative_logdir")
+            if not folder:
+                raise ValueError("a trial without relative_logdir")
+            text = f"{trial_json}{runtime_json}"
+            blobs = re.findall(r"[0-9a-f]{40,}", text)  # the hex of CLOUDPICKLE_FALLBACK values
+            found = set(_CHECKPOINT_NAME.findall(text))
+            for blob in blobs:
+                found |= set(_CHECKPOINT_NAME.findall(bytes.fromhex(blob[: len(blob) // 2 * 2]).decode("latin-1")))
+            out[folder] = found
+        return out
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"not a Tune experiment snapshot: {error!r}") from None
+
+
+SNAPSHOT_FILE_PREFIXES = (EXPERIMENT_STATE_PREFIX, "searcher-state-", "search_gen_state-")
+
+
+def damaged_snapshot_files(names: list[str], read) -> list[str]:
+    """The newest experiment snapshot's files (``experiment_state-``, ``searcher-state-``,
+    ``search_gen_state-`` (a pickle), ``tuner.pkl``) among ``names`` that are torn: JSON that does not parse, a pickle
+    whose opcodes do not reach STOP (checked with ``pickletools``, never loaded). ``read(name)`` -> bytes.
+
+    Tune uploads a snapshot by rewriting these files in place, so a driver killed during the upload leaves
+    them truncated (seen: an empty ``experiment_state``), and ``Tuner.restore`` then restores no trial.
+    """
+    import pickletools
+
+    newest = [n for n in names if n == "tuner.pkl"]
+    for prefix in SNAPSHOT_FILE_PREFIXES:
+        newest += sorted(n for n in names if n.startswith(prefix))[-1:]
+    damaged = []
+    for name in newest:
+        data = read(name)
+        try:
+            if name.startswith(EXPERIMENT_STATE_PREFIX):  # search_gen_state-*.json is a pickle, despite its name
+                json.loads(data)
+            else:
+                list(pickletools.genops(data))
+                if not data.endswith(b"."):
+                    raise ValueError("no STOP opcode")
+        except Exception:  # noqa: BLE001 (any parse failure means torn)
+            damaged.append(name)
+    return damaged
+
+
 # -- Optuna's journal (no Optuna needed) ---------------------------------------------------------------
 
 _CREATE_STUDY, _CREATE_TRIAL, _SET_TRIAL_USER_ATTR = 0, 4, 8  # optuna.storages.journal JournalOperation
+
+
+def journal_op_codes() -> tuple[int, int]:
+    """(create study, create trial): the ``op_code`` of those records in Optuna's journal lines."""
+    return _CREATE_STUDY, _CREATE_TRIAL
 
 
 def read_journal_trial_links(path: str | os.PathLike, study_name: str) -> dict[str, int]:
@@ -246,7 +322,7 @@ def _define_searcher() -> None:
         that next snapshot, not at once: if the driver dies in between, Tune forgets the trial, and
         ``restore`` then marks its Optuna trial FAIL (a finished trial could no longer be changed, and the
         study would end with more COMPLETE + PRUNED trials than the experiment has). Trials the last
-        snapshot knows are told at once. Tune snapshots every few trial checkpoints (``num_to_keep``), so
+        snapshot knows are told at once. Tune snapshots every ~10 s (its adaptive ``checkpoint_period``), so
         the delay is short.
         """
 
@@ -298,13 +374,78 @@ def _define_searcher() -> None:
             self._completed_trials.add(trial_id)
 
         def restore(self, checkpoint_path: str) -> None:
+            study, storage = getattr(self, "_ot_study", None), getattr(self, "_storage", None)
             super().restore(checkpoint_path)
+            _keep_current_study(self, study, storage)
             self.__dict__.setdefault("_untold", {})  # a state saved before these attributes existed
             self._in_snapshot = set(self._ot_trials)
             known = {ot_trial.number for ot_trial in self._ot_trials.values()}
             for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 if trial.number not in known:  # asked after the last snapshot: Tune never recorded it
                     tell(self._ot_study, trial.number, state=TrialState.FAIL)
+
+
+def _keep_current_study(searcher, study, storage) -> None:
+    """After OptunaSearch's ``restore``: use ``study`` (on ``storage``), the one the searcher was built with.
+
+    The saved state names the journal by its absolute path at save time: an experiment moved or copied
+    since would read and write the old place (another experiment). The restored sampler and trial links
+    are kept, the trials re-linked to ``study`` (same trial ids: the journal is the same one, moved).
+    """
+    if study is None:
+        return
+    import optuna
+
+    study.sampler = searcher._sampler
+    searcher._ot_trials = {tid: optuna.Trial(study, trial._trial_id) for tid, trial in searcher._ot_trials.items()}
+    searcher._ot_study, searcher._storage = study, storage
+
+
+def use_current_objects(tuner, tune_config, snapshot_callback) -> bool:
+    """Make a restored Tuner use this run's searcher, scheduler and :class:`SnapshotCallback` instead of the
+    ones pickled in ``tuner.pkl`` (which name the experiment's old place, so a moved or copied experiment
+    would write into the original); other callbacks stay. False when the Tuner runs through Ray Client
+    (``ray://``), whose Tuner lives on the cluster and cannot be changed from here."""
+    internal = getattr(tuner, "_local_tuner", None)
+    if internal is None:
+        return False
+    internal._tune_config.search_alg = tune_config.search_alg
+    internal._tune_config.scheduler = tune_config.scheduler
+    callbacks = internal._run_config.callbacks or []
+    internal._run_config.callbacks = [snapshot_callback if isinstance(cb, SnapshotCallback) else cb
+                                      for cb in callbacks]
+    return True
+
+
+SCHEDULER_STATE_FORMAT = 1
+
+
+def scheduler_state(scheduler) -> dict:
+    """ASHA's state as JSON data: per bracket its rungs ``[milestone, {trial id: recorded value}]``, which
+    bracket each live trial is in, and the two counters. ASHA's own ``save`` pickles its ``__dict__``;
+    this replaces it so that an experiment folder holds no pickle of ours (a pickle runs code when read)."""
+    bracket_index = {id(bracket): i for i, bracket in enumerate(scheduler._brackets)}
+    return {"format": SCHEDULER_STATE_FORMAT, "scheduler": type(scheduler).__name__,
+            "brackets": [[[milestone, dict(recorded)] for milestone, recorded in bracket._rungs]
+                         for bracket in scheduler._brackets],
+            "trial_bracket": {tid: bracket_index[id(b)] for tid, b in scheduler._trial_info.items()},
+            "num_stopped": scheduler._num_stopped, "counter": scheduler._counter}
+
+
+def restore_scheduler_state(scheduler, state: dict) -> None:
+    """Put :func:`scheduler_state`'s data back into ``scheduler`` (built with the same settings); a trial
+    the scheduler already placed keeps its bracket. ValueError when the data does not fit it."""
+    brackets = state.get("brackets") if isinstance(state, dict) else None
+    if (state.get("format") != SCHEDULER_STATE_FORMAT or not isinstance(brackets, list)
+            or len(brackets) != len(scheduler._brackets)):
+        raise ValueError(f"the scheduler state does not fit this scheduler: {str(state)[:200]}")
+    for bracket, saved in zip(scheduler._brackets, brackets):
+        if [milestone for milestone, _ in bracket._rungs] != [milestone for milestone, _ in saved]:
+            raise ValueError(f"the saved rungs {[m for m, _ in saved]} are not this scheduler's")
+        bracket._rungs = [(milestone, {tid: float(v) for tid, v in recorded.items()}) for milestone, recorded in saved]
+    for tid, index in state["trial_bracket"].items():
+        scheduler._trial_info.setdefault(tid, scheduler._brackets[index])
+    scheduler._num_stopped, scheduler._counter = int(state["num_stopped"]), int(state["counter"])
 
 
 def _define_callback() -> None:
@@ -316,7 +457,7 @@ def _define_callback() -> None:
         restores ASHA's state when the experiment starts again (``resume``).
 
         Tune calls ``get_state`` of every callback when it saves the experiment state (every ~10 s and at
-        the end): that is when ``scheduler_state.pkl`` is written; it returns None (nothing for Tune to
+        the end): that is when ``scheduler_state.json`` is written (:func:`scheduler_state`); it returns None (nothing for Tune to
         keep). ``location`` is a :class:`selmix_ray.storage.Location`; ``journal`` the local journal file.
         """
 
@@ -326,11 +467,15 @@ def _define_callback() -> None:
             self.scheduler = scheduler
 
         def setup(self, **info) -> None:
-            if self.scheduler is not None and self.location.exists(SCHEDULER_STATE_FILE):
+            if self.scheduler is None:
+                return
+            if self.location.exists(SCHEDULER_STATE_FILE):
+                restore_scheduler_state(self.scheduler, json.loads(self.location.read_bytes(SCHEDULER_STATE_FILE)))
+            elif self.location.exists(LEGACY_SCHEDULER_STATE_FILE):  # resume trusts the folder (README)
                 with tempfile.TemporaryDirectory() as folder:
-                    path = os.path.join(folder, SCHEDULER_STATE_FILE)
-                    Path(path).write_bytes(self.location.read_bytes(SCHEDULER_STATE_FILE))
-                    self.scheduler.restore(path)
+                    path = os.path.join(folder, LEGACY_SCHEDULER_STATE_FILE)
+                    Path(path).write_bytes(self.location.read_bytes(LEGACY_SCHEDULER_STATE_FILE))
+                    self.scheduler.restore(path)  # a pickle: written as JSON from the next snapshot on
 
         def get_state(self):
             self.snapshot()
@@ -341,9 +486,7 @@ def _define_callback() -> None:
 
         def snapshot(self) -> None:
             if self.scheduler is not None:
-                with tempfile.TemporaryDirectory() as folder:
-                    path = os.path.join(folder, SCHEDULER_STATE_FILE)
-                    self.scheduler.save(path)
-                    self.location.write_bytes(SCHEDULER_STATE_FILE, Path(path).read_bytes())
+                data = json.dumps(scheduler_state(self.scheduler), indent=1, allow_nan=True)
+                self.location.write_bytes(SCHEDULER_STATE_FILE, data.encode())
             if self.location.is_uri and self.journal.exists():
                 self.location.write_bytes(JOURNAL_FILE, self.journal.read_bytes())

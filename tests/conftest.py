@@ -126,6 +126,38 @@ def trial_results(trial_dir) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def results_on_disk(experiment) -> int:
+    """How many reports the trials of ``experiment`` have written to their result.json files so far."""
+    from pathlib import Path
+
+    total = 0
+    for path in Path(experiment).glob("run_trial_*/result.json"):
+        try:
+            total += sum(1 for line in path.read_text().splitlines() if line.strip())
+        except OSError:
+            continue
+    return total
+
+
+def kill_after_results(child, experiment, k: int, *, timeout: float = 300) -> None:
+    """SIGKILL the driver ``child`` as soon as its trials have written ``k`` reports (independent of when
+    Tune snapshots); fails the test when the driver ends first or takes longer than ``timeout``."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        while results_on_disk(experiment) < k:
+            assert child.poll() is None, "the driver ended before it could be killed"
+            assert time.monotonic() < deadline, f"the sweep did not write {k} reports in time"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+
 @pytest.fixture(scope="session")
 def cache_home(tmp_path_factory):
     """A private XDG cache (features, baselines) for the session, shared with child drivers through the

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import SWEEP_DRIVER, trial_results
+from conftest import SWEEP_DRIVER, kill_after_results, trial_results
 
 from selmix_ray.constants import JOURNAL_FILE, MANIFEST_FILE, SCHEDULER_STATE_FILE, SCORE_KEY, STEP_KEY
 from selmix_ray.errors import ConfigError, ExperimentError
@@ -57,9 +56,9 @@ def _trial_dirs(experiment: Path) -> dict[str, Path]:
 
 
 def _rungs(path: Path) -> dict[tuple[int, str], float]:
-    state = pickle.loads(path.read_bytes())
-    return {(milestone, trial_id): value for bracket in state["_brackets"]
-            for milestone, recorded in bracket._rungs for trial_id, value in recorded.items()}
+    state = json.loads(path.read_bytes())
+    return {(milestone, trial_id): value for bracket in state["brackets"]
+            for milestone, recorded in bracket for trial_id, value in recorded.items()}
 
 
 # -- bad inputs: one clear error each, before Ray is touched --------------------------------------------
@@ -197,29 +196,20 @@ def test_sigkilled_driver_resumes_to_exactly_num_samples(ray_cluster, digits, ca
         [sys.executable, SWEEP_DRIVER, ray_cluster, str(tmp_path), "killed", str(num_samples), json.dumps(space)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ},
     )
-    try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline:
-            done = [s for s in _snapshot_trials(experiment).values() if s == "TERMINATED"]
-            if len(done) >= 3 and (experiment / SCHEDULER_STATE_FILE).is_file():
-                break
-            assert child.poll() is None, "the driver ended before it could be killed"
-            time.sleep(0.2)
-        else:
-            pytest.fail("the sweep did not finish 3 trials in time")
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        if child.poll() is None:
-            child.kill()
+    kill_after_results(child, experiment, k=25)  # of 10 trials x 11 reports: mid-sweep, whenever Tune snapshots
     time.sleep(1.0)  # the killed driver's trials stop with it
 
     snapshot = _snapshot_trials(experiment)
-    assert len(snapshot) < num_samples or "RUNNING" in snapshot.values(), "killed too late to test anything"
     finished_before = {tid: trial_results(folder)[-1][SCORE_KEY] for tid, folder in _trial_dirs(experiment).items()
-                       if snapshot.get(tid) == "TERMINATED"}
-    rungs_before = _rungs(experiment / SCHEDULER_STATE_FILE)
-    assert rungs_before
+                       if trial_results(folder)[-1][STEP_KEY] >= space["fixed"]["steps"]}
+    assert len(finished_before) < num_samples, "killed too late to test anything"
+    rungs_before = _rungs(experiment / SCHEDULER_STATE_FILE) if snapshot else {}  # {} when killed before
+    from selmix_ray.tune_adapter import damaged_snapshot_files
+
+    if damaged_snapshot_files(os.listdir(experiment), lambda n: (experiment / n).read_bytes()):
+        with pytest.raises(ExperimentError, match="are truncated"):
+            resume(experiment)
+        pytest.skip("killed while Tune uploaded its snapshot: resume refused, naming the files (README)")
 
     # A changed space is refused, naming the difference, before anything runs.
     changed = {**space, "fixed": {"steps": 600, "eval_every": 30}}
@@ -332,6 +322,7 @@ def test_a_ray_that_search_started_is_shut_down_and_the_callers_is_not(monkeypat
 def test_resume_removes_trial_folders_the_last_snapshot_does_not_list(tmp_path):
     import importlib
 
+    from selmix_ray.ownership import ExperimentLock
     from selmix_ray.storage import Location
 
     sweep = importlib.import_module("selmix_ray.sweep")
@@ -346,13 +337,18 @@ def test_resume_removes_trial_folders_the_last_snapshot_does_not_list(tmp_path):
         json.dumps({"trial_data": [[json.dumps({"relative_logdir": "gone"}), {}]]}))
     (experiment / "experiment_state-2026-01-01_00-00-10.json").write_text(
         json.dumps({"trial_data": [[trial, {}]]}))  # the newest snapshot is the one Tune restores
+    lock = ExperimentLock(Location.of_experiment(experiment), "resume")
+    with pytest.raises(RuntimeError, match="only under the experiment's lock"):
+        sweep._remove_orphan_trial_folders(Location.of_experiment(experiment), lock)
+    lock.acquire()
     for storage in (str(experiment), f"file://{experiment}"):
-        sweep._remove_orphan_trial_folders(Location.of_experiment(storage))
+        sweep._remove_orphan_trial_folders(Location.of_experiment(storage), lock)
         assert sorted(p.name for p in experiment.iterdir() if p.is_dir()) == ["not_a_trial", "run_trial_known_1"]
         (experiment / "run_trial_orphan_2").mkdir()
         (experiment / "run_trial_orphan_2" / "params.json").write_text("{}")
     (experiment / "experiment_state-2026-01-01_00-00-10.json").write_text('{"trial_data": [')  # half-written
-    assert sweep._remove_orphan_trial_folders(Location.of_experiment(experiment)) == []
+    assert sweep._remove_orphan_trial_folders(Location.of_experiment(experiment), lock) == []
+    lock.release()
     assert (experiment / "run_trial_orphan_2").is_dir()
 
 
