@@ -21,9 +21,12 @@ Decisions (not settled elsewhere)
       (P(trial > best baseline) on validation) and ``paired`` (True: from per-image predictions on the same
       resampled images; False: the two resampled independently from counts, for experiments older than
       stored predictions or a re-ranked report other than the stored one).
-    - Streams: every trial and baseline draws from its own stream derived from the seed and its name, so a
+    - Streams: every trial and baseline draws from its own streams derived from the seed and its name
+      (validation: the trial id, test: ``"test:<id>"``, as :func:`~selmix_ray.uncertainty.intervals`), so a
       trial's interval does not change when other trials join the table; its validation interval, its
-      ``val/lcb`` and its unpaired P(better) come from the same replicates.
+      ``val/lcb`` and its unpaired P(better) come from the same replicates. Paired comparisons draw the
+      images from the seed itself, once for every trial (what ``pairing.compare_predictions`` draws with
+      that seed, so the table's P(better) and the verdict's are the same number).
     - The selection rule (``select`` in the space file or ``search(select=...)``, stored in the manifest;
       experiments without one use ``"max"``): ``"max"`` ranks by ``val/best_objective`` (the highest point
       value), ``"lcb"`` by ``val/lcb``. It decides ``Run.best``, the order of every table and the trial the

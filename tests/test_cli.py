@@ -131,6 +131,7 @@ def test_search_then_compare_round_trip(ray_cluster, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "best trial" in out and "baselines:" in out and f"plots written to {storage / 'cli' / 'plots'}" in out
+    assert "verdict: trial" in out and "select: max" in out and "[90% CI" in out  # how sure the winner is
     assert (storage / "cli" / "plots" / "history.png").stat().st_size > 0
     assert "cutmix" not in json.loads((storage / "cli" / "selmix_run.json").read_text())["space"]["space"]["mixup"][
         "choice"]  # digits features have no maps
