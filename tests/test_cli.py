@@ -149,9 +149,10 @@ def test_search_then_compare_round_trip(ray_cluster, tmp_path):
 def test_ctrl_c_leaves_a_resumable_experiment_that_resume_completes(ray_cluster, cache_home, digits, tmp_path):
     """SIGINT mid-sweep: exit 130 with the resume command; `resume` then ends with every trial finished.
 
-    SIGINT goes at the first report of the first of 4 trials run one at a time, so at least 3 trials'
-    start-up and steps remain: Tune answers SIGINT at its next loop turn, well before. The features come
-    from the session's cache (digits fixture); short trials keep the baselines (same steps) cheap.
+    SIGINT goes at the first report (step 0) of the first of 8 trials run one at a time, so 7 trials'
+    start-up and 16000 steps each remain. Tune does not always act on SIGINT at once: with 4 trials of
+    2000 or 16000 steps (a few seconds each on an idle machine) the sweep sometimes finished first and
+    exited 0. The features come from the session's cache (digits fixture); the baselines run the same steps.
     """
     import signal
     import time
@@ -159,12 +160,12 @@ def test_ctrl_c_leaves_a_resumable_experiment_that_resume_completes(ray_cluster,
     from selmix_ray.results import load_run
 
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
-    storage, num_samples = tmp_path / "results", 4
+    storage, num_samples = tmp_path / "results", 8
     experiment = storage / "ctrlc"
     command = [sys.executable, str(REPO / "run_search.py"), "search", str(REPO / "search_spaces" / "gmean.yaml"),
                "--dataset", "digits", "--rho", "10", "--backbone", "identity", "--num-samples", str(num_samples),
                "--name", "ctrlc", "--storage", str(storage), "--max-concurrent", "1", "--scheduler", "fifo",
-               "--address", ray_cluster, "steps=2000", "eval_every=500"]
+               "--address", ray_cluster, "steps=16000", "eval_every=4000"]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         deadline = time.monotonic() + 600  # only a broken sweep waits this long

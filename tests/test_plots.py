@@ -7,7 +7,6 @@ points, lines, bars and images can be compared with the expected values.
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from conftest import trial_results
 from selmix_ray import plots
 from selmix_ray.constants import BASELINES_FILE, HISTORY_FILE, MANIFEST_FILE, SCORE_KEY
 from selmix_ray.errors import ExperimentError
+from selmix_ray.history import decode_array, split_recall
 from selmix_ray.results import load_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -65,8 +65,11 @@ def _start(report: dict) -> float:
 
 
 def _points(ax) -> np.ndarray:
-    """(n, 2) every scatter point of an axes."""
-    return np.concatenate([np.asarray(c.get_offsets(), dtype=float) for c in ax.collections])
+    """(n, 2) every scatter point of an axes (error bars, LineCollections, are not points)."""
+    from matplotlib.collections import LineCollection
+
+    return np.concatenate([np.asarray(c.get_offsets(), dtype=float) for c in ax.collections
+                           if not isinstance(c, LineCollection)])
 
 
 @pytest.mark.slow
@@ -98,20 +101,23 @@ def test_per_class_draws_the_reference_and_the_best_trials_recall_with_the_tail_
     width, height = _png_size(path)
     assert width >= 700 and height == 450
     (ax,) = drawn["pc.png"].axes
-    labels = [c.get_label() for c in ax.containers]
+    from matplotlib.container import BarContainer
+
+    bar_containers = [c for c in ax.containers if isinstance(c, BarContainer)]  # not the error bars
+    labels = [c.get_label() for c in bar_containers]
     reports = _last_reports(sweep)
     best_two = _ranked(reports)[:2]
     assert labels == ["start (reference)", *best_two]
     stored = json.loads((sweep / BASELINES_FILE).read_text())["baselines"]["start"]
-    np.testing.assert_allclose([b.get_height() for b in ax.containers[0]], stored["per_class_recall"]["test"])
-    for trial_id, container in zip(best_two, ax.containers[1:]):  # recall of the report at its best step
+    np.testing.assert_allclose([b.get_height() for b in bar_containers[0]], stored["per_class_recall"]["test"])
+    for trial_id, container in zip(best_two, bar_containers[1:]):  # recall of the report at its best step
         history = json.loads(sorted(reports[trial_id]["folder"].glob("checkpoint_*"))[-1].joinpath(
             HISTORY_FILE).read_text())
         record = next(r for r in history["records"] if r["step"] == history["best_step"])
-        np.testing.assert_allclose([b.get_height() for b in container], record["test"]["recall"])
+        np.testing.assert_allclose([b.get_height() for b in container], split_recall(record["test"]))
     # One shaded span per tail class: the classes outside the floor(0.9 K) largest by training count.
     counts = np.asarray(json.loads((sweep / MANIFEST_FILE).read_text())["train_counts"])
-    bars = {id(b) for c in ax.containers for b in c}
+    bars = {id(b) for c in bar_containers for b in c}
     spans = [p for p in ax.patches if id(p) not in bars]
     assert len(spans) == len(counts) - int(0.9 * len(counts)) == 1
     tail_class = int(np.argmin(counts))
@@ -147,7 +153,7 @@ def test_pair_distribution_draws_P_of_the_best_trial_that_has_one(sweep, drawn, 
         best_p = json.loads((newest / HISTORY_FILE).read_text())["best_p"]
         if best_p is not None:
             break
-    expected = np.frombuffer(base64.b64decode(best_p["base64"]), np.float32).reshape(best_p["shape"])
+    expected = decode_array(best_p).astype(np.float32)  # the compact form (history.encode_array)
     assert ax.get_title().endswith(f"P of trial {trial_id} at its best report")
     np.testing.assert_array_equal(ax.images[0].get_array(), expected)
     assert expected.shape == (10, 10) and expected.std() > 0
