@@ -22,12 +22,14 @@ from pathlib import Path
 SPACE = {
     "objective": "min_recall",
     "space": {"method": {"choice": ["selmix", "uniform_mixup"]}, "lr": {"loguniform": [0.1, 10]}},
-    "fixed": {"steps": 900, "eval_every": 10},  # ASHA's rungs: 100, 300, 900
+    "fixed": {"steps": 20000, "eval_every": 500},  # FIFO: no trial stops early, so a victim runs to 20000
 }
 NUM_SAMPLES = 6
-FIRST_RUNG = 100  # a trial below it is still running (ASHA stops trials at rungs only)
-REMOVE_AFTER_STEP = 30  # the victim has checkpointed step 20 (checkpoint_every=2), 7 reports before ASHA's
-#                        first rung could stop it (its node then dies a few reports later, not after the rung)
+FIRST_RUNG = 16000  # a victim seen below this step still has seconds of steps left when its node dies
+REMOVE_AFTER_STEP = 1500  # the victim has checkpointed step 1000 (checkpoint_every=2)
+# Why FIFO and 20000 steps: a trial on digits runs about 0.6 ms a step here, so with ASHA (900-step trials
+# and a first rung at 100) the window the remover had, polling result.json, was a fraction of a second and
+# it missed it (no node removed) in loaded and in idle runs alike; this window is several seconds.
 STORE_BYTES = 80 * 1024 * 1024
 
 
@@ -73,7 +75,7 @@ def main() -> None:
     remover.start()
     started = time.monotonic()
     search(SPACE, features=features, storage=storage, name="multinode", num_samples=NUM_SAMPLES, max_concurrent=3,
-           seed=0, checkpoint_every=2)
+           seed=0, checkpoint_every=2, scheduler="fifo")
     out["sweep_s"] = time.monotonic() - started
     Path(out_path).write_text(json.dumps(out))
     ray.shutdown()
