@@ -115,9 +115,25 @@ def holder_record(action: str) -> dict:
 
 
 def _describe(text: str) -> str:
+    """The holder named from the lock file's record. A record of a process of this host that no longer runs
+    is a killed holder's (a kill skips the emptying on release), read in the moment between the new holder's
+    flock and its own write: it names nobody."""
     try:
         record = json.loads(text)
-        return (f"{record['action']} by pid {record['pid']} on host {record['host']} since {record['since']}, "
-                f"command: {record['command']}")
+        stale = record["host"] == socket.gethostname() and not _alive(int(record["pid"]))
+        if not stale:
+            return (f"{record['action']} by pid {record['pid']} on host {record['host']} since "
+                    f"{record['since']}, command: {record['command']}")
     except (ValueError, KeyError, TypeError):
-        return "a holder that has not written its name yet"
+        pass
+    return "a holder that has not written its name yet"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -90,3 +90,30 @@ def test_uri_experiments_lock_on_the_drivers_disk(tmp_path, monkeypatch):
     assert str(lock_path(location)).startswith(str(tmp_path / "cache"))
     with ExperimentLock(location, "search"), pytest.raises(ExperimentError, match="another process"):
         ExperimentLock(location, "resume").acquire()  # flock: two open files conflict even in one process
+
+
+def test_a_killed_holders_record_names_nobody(tmp_path):
+    """A holder killed while holding leaves its record (a kill skips the emptying); a process that locks next
+    has a moment before it writes its own: a refusal in that moment must not name the dead process."""
+    import fcntl
+    import socket
+
+    experiment = _experiment(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    record = {"host": socket.gethostname(), "pid": dead_pid, "action": "resume", "command": "old",
+              "since": "2026-01-01T00:00:00+00:00"}
+    with open(experiment / LOCK_FILE, "a+", encoding="utf-8") as handle:
+        handle.write(json.dumps(record))
+        handle.flush()
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # the new holder, before its write
+        with pytest.raises(ExperimentError, match="has not written its name yet") as refused:
+            ExperimentLock(Location.of_experiment(str(experiment)), "resume").acquire()
+        assert f"pid {dead_pid}" not in str(refused.value)
+        record["pid"] = os.getpid()  # a live holder is named
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps(record))
+        handle.flush()
+        with pytest.raises(ExperimentError, match=f"pid {os.getpid()}"):
+            ExperimentLock(Location.of_experiment(str(experiment)), "resume").acquire()
