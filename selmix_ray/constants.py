@@ -8,6 +8,7 @@ JOURNAL_FILE = "optuna_journal.log"  # the only file whose name contains "journa
 SCHEDULER_STATE_FILE = "scheduler_state.json"  # ASHA's rungs as JSON data (never a pickle)
 LEGACY_SCHEDULER_STATE_FILE = "scheduler_state.pkl"  # what experiments before JSON wrote (resume reads it)
 BASELINES_FILE = "baselines.json"
+ORPHANS_DIR = "orphaned_trials"  # where resume sets aside the trial folders a killed driver left unrecorded
 
 # Inside each Tune checkpoint directory.
 STATE_FILE = "finetune_state.pt"  # FinetuneState (torch.save)

@@ -113,6 +113,22 @@ class Location:
         else:
             self.fs.delete_dir(self._fs_path(relative))
 
+    def move_dir(self, relative: str, target: str) -> None:
+        """Move the folder ``relative`` to ``target`` (both inside the experiment; ``target`` must not exist,
+        its parent is created). A URI's folder is copied, then the original deleted."""
+        if self.exists(target):
+            raise FileExistsError(f"{self._fs_path(target) if self.fs else os.path.join(self.path, target)} exists")
+        if self.fs is None:
+            os.makedirs(os.path.dirname(os.path.join(self.path, target)), exist_ok=True)
+            os.rename(os.path.join(self.path, relative), os.path.join(self.path, target))
+            return
+        import pyarrow.fs
+
+        self.fs.create_dir(self._fs_path(target), recursive=True)
+        pyarrow.fs.copy_files(self._fs_path(relative), self._fs_path(target), source_filesystem=self.fs,
+                              destination_filesystem=self.fs)
+        self.fs.delete_dir(self._fs_path(relative))
+
     def remove_file(self, relative: str) -> None:
         if self.fs is None:
             os.remove(os.path.join(self.path, relative))

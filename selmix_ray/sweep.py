@@ -12,10 +12,14 @@ and adds what plain Ray Tune lacks:
   is COMPLETE, one that failed for good is FAIL;
 - ASHA's state is written to ``scheduler_state.pkl`` at each experiment snapshot and restored by
   ``resume`` (Tune restores trials and the searcher, not the scheduler);
-- on resume, Optuna trials asked after the last snapshot (RUNNING in the journal, unknown to Tune) are
-  marked FAIL, so none stays RUNNING and the study ends with exactly ``num_samples`` COMPLETE + PRUNED;
-  the folders such trials left (Tune never resumes them) are removed, so ``results`` sees exactly the
-  ``num_samples`` Tune trials;
+- a finished trial is told to Optuna only once the experiment snapshot on storage lists it (Tune uploads
+  snapshots asynchronously, after writing them to the driver's staging folder); on resume, Optuna trials
+  that the restored snapshot does not list (a killed driver started them after its last snapshot reached
+  storage) are marked FAIL, none stays RUNNING, Tune's trial counter is the number of restored trials,
+  and the searcher proposes replacements: the study ends with exactly ``num_samples`` COMPLETE + PRUNED
+  (``tune_adapter.StudySearch``, ``StudySearchGenerator``). The folders such trials left (Tune never
+  resumes them) are moved to ``orphaned_trials/``, never deleted, so ``results`` sees exactly the
+  ``num_samples`` Tune trials and no finished work is lost;
 - the baselines (starting head, erm, uniform mixup, post-hoc corrections of the starting head) are
   computed on the driver before any trial, cached per feature key, and written to ``baselines.json``;
 - ``selmix_run.json`` records the space, objective(s), feature key and build arguments, the per-class
@@ -60,7 +64,7 @@ from typing import Any
 from .baselines import compute_baselines
 from .checks import int_problem, is_number
 from .cluster import check_resources, init_ray, shutdown_ray
-from .constants import BASELINES_FILE, JOURNAL_FILE, MANIFEST_FILE, MAX_FAILURES, STEP_KEY
+from .constants import BASELINES_FILE, JOURNAL_FILE, MANIFEST_FILE, MAX_FAILURES, ORPHANS_DIR, STEP_KEY
 from .errors import ConfigError, ExperimentError
 from .journal import check_journal
 from .manifest import build_manifest, read_manifest, space_differences
@@ -71,6 +75,7 @@ from .tune_adapter import (
     PicklableNSGAIISampler,
     SnapshotCallback,
     StudySearch,
+    StudySearchGenerator,
     damaged_snapshot_files,
     experiment_state_files,
     parse_experiment_state,
@@ -222,7 +227,7 @@ def _resume_locked(location, manifest, lock, *, features, address, space, connec
     started_ray = init_ray(address, connect_timeout_s=connect_timeout_s)
     try:
         check_resources(manifest["resources_per_trial"], devices=[stored_space.fixed.get("device", "auto")])
-        _remove_orphan_trial_folders(location, lock)
+        _set_aside_orphan_trial_folders(location, lock)
         tuner = tune.Tuner.restore(location.path, trainable=_trainable(features, stored_space, manifest, location),
                                    resume_unfinished=True, resume_errored=True)
         _use_this_place(tuner, stored_space, manifest, location, journal)
@@ -230,7 +235,7 @@ def _resume_locked(location, manifest, lock, *, features, address, space, connec
         _fit(tuner, location, journal)
         # Again at the end: on a cluster that outlived the killed driver (address=..., or the test suite's),
         # Tune's final sync copies that driver's staged params.json/result.json of its orphans back.
-        _remove_orphan_trial_folders(location, lock, when="synced back at the end of the resumed run")
+        _set_aside_orphan_trial_folders(location, lock, when="synced back at the end of the resumed run")
         _remove_unlisted_checkpoints(location, lock)
         if _listed_trials(location) < listed:
             raise ExperimentError(f"Resuming {location.path} restored fewer trials than its snapshot listed "
@@ -430,10 +435,12 @@ def _tuner_configs(search_space, manifest, location, journal: Path, *, callbacks
         study_name=manifest["name"],
         storage=journal_storage(journal),
         steps=manifest["steps"],
+        location=location,
     )
     search_alg = searcher
     if manifest["max_concurrent"]:
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=manifest["max_concurrent"])
+    search_alg = StudySearchGenerator(search_alg)
     scheduler = None
     if manifest["scheduler"] == "asha":
         scheduler = _asha(metric=metrics[0], steps=manifest["steps"], eval_every=manifest["eval_every"])
@@ -449,7 +456,7 @@ def _tuner_configs(search_space, manifest, location, journal: Path, *, callbacks
         stop=stop,
         callbacks=[
             *loggers,
-            SnapshotCallback(location, journal, scheduler),
+            SnapshotCallback(location, journal, scheduler, searcher),
             ProgressCallback(num_samples=manifest["num_samples"], steps=manifest["steps"], metric=metrics[0]),
         ],
         verbose=1 if logger.isEnabledFor(logging.DEBUG) else 0,  # Tune's own tables at DEBUG (--verbose)
@@ -481,14 +488,18 @@ def _asha_rungs(*, steps: int, eval_every: int) -> list[int]:
     return rungs
 
 
-def _remove_orphan_trial_folders(location, lock, *, when: str = "started after the last snapshot") -> list[str]:
-    """Delete trial folders that the newest experiment snapshot does not list; returns their names.
+def _set_aside_orphan_trial_folders(location, lock, *, when: str = "started after the last snapshot") -> list[str]:
+    """Move the trial folders that the newest experiment snapshot does not list into ``orphaned_trials/``;
+    returns their names. Nothing is deleted: a killed driver's orphan may hold finished work.
 
-    A driver killed after starting a trial but before the next snapshot leaves that trial's folder
-    (params.json, maybe results and checkpoints); Tune does not know the trial and never continues it.
-    Where the Ray cluster outlives that driver, its staged files of those trials are still on the node,
-    and the resumed run's final sync writes them back into the experiment: ``resume`` therefore calls
-    this before and after the run. Nothing is deleted when no snapshot can be read.
+    A driver killed after starting a trial but before a snapshot listing it reached storage leaves that
+    trial's folder (params.json, maybe results and checkpoints); Tune does not know the trial and never
+    continues it, and its Optuna trial is marked FAIL (``StudySearch.reconcile``), so the searcher proposes
+    a replacement. Left in place, ``results`` would count it as one of the experiment's trials. Where the
+    Ray cluster outlives that driver, its staged files of those trials are still on the node, and the
+    resumed run's final sync writes them back into the experiment: ``resume`` therefore calls this before
+    and after the run (a second copy is kept as ``<name>.1``, and so on). Nothing moves when no snapshot can
+    be read.
 
     Safe because ``lock`` (the experiment's :class:`~selmix_ray.ownership.ExperimentLock`) is held: no other
     driver is alive that could be running such a trial or be about to snapshot it, so a folder with a
@@ -496,7 +507,7 @@ def _remove_orphan_trial_folders(location, lock, *, when: str = "started after t
     snapshot Tune restores from is that newest one, and Tune never continues a trial it does not list).
     """
     if not lock.held:
-        raise RuntimeError("trial folders are removed only under the experiment's lock")
+        raise RuntimeError("trial folders are set aside only under the experiment's lock")
     names = location.listdir()
     snapshots = experiment_state_files(names)
     if not snapshots:
@@ -507,11 +518,16 @@ def _remove_orphan_trial_folders(location, lock, *, when: str = "started after t
         return []
     if None in known:  # a record without its folder name: nothing can be told apart safely
         return []
-    orphans = [n for n in names if n not in known and location.exists(f"{n}/params.json")]
+    orphans = [n for n in names if n not in known and n != ORPHANS_DIR and location.exists(f"{n}/params.json")]
     for name in orphans:
-        location.remove_dir(name)
+        target, copy = f"{ORPHANS_DIR}/{name}", 0
+        while location.exists(target):
+            copy += 1
+            target = f"{ORPHANS_DIR}/{name}.{copy}"
+        location.move_dir(name, target)
     if orphans:
-        log(f"removed {len(orphans)} trial folder(s) unknown to Tune ({when}): {', '.join(orphans)}")
+        log(f"set aside {len(orphans)} trial folder(s) unknown to Tune ({when}) in {ORPHANS_DIR}/: "
+            f"{', '.join(orphans)}")
     return orphans
 
 

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import tempfile
 import threading
@@ -51,6 +52,7 @@ __all__ = [
     "TESTED_VERSIONS",
     "untested_versions",
     "StudySearch",
+    "StudySearchGenerator",
     "PicklableNSGAIISampler",
     "SnapshotCallback",
     "quiet_snapshot_warning",
@@ -59,6 +61,7 @@ __all__ = [
     "experiment_state_files",
     "parse_experiment_state",
     "read_trial_states",
+    "listed_trial_ids",
     "snapshot_checkpoints",
     "damaged_snapshot_files",
     "TUNE_TRIAL_ID_ATTR",
@@ -75,7 +78,7 @@ EXPERIMENT_STATE_PREFIX = "experiment_state-"  # Tune's CKPT_FILE_TMPL "experime
 SNAPSHOT_WARNING = "snapshotting has been triggered multiple times"  # part of Tune's warning text
 SNAPSHOT_LOGGER = "ray.tune.execution.experiment_state"  # the module that logs it
 TUNE_TRIAL_ID_ATTR = "tune_trial_id"  # the Optuna user attribute that holds a trial's Tune trial id
-_LAZY_CLASSES = ("StudySearch", "PicklableNSGAIISampler", "SnapshotCallback")
+_LAZY_CLASSES = ("StudySearch", "StudySearchGenerator", "PicklableNSGAIISampler", "SnapshotCallback")
 
 
 def untested_versions() -> list[str]:
@@ -144,6 +147,20 @@ def read_trial_states(folder: str | os.PathLike) -> dict[str, TuneTrialState]:
         except (OSError, ValueError):
             continue
     return {}
+
+
+def listed_trial_ids(names: list[str], read) -> set[str] | None:
+    """Trial ids of the newest experiment snapshot among ``names`` (the greatest name: the one
+    ``Tuner.restore`` restores from); ``read(name)`` -> bytes. None when there is none, or it cannot be read
+    (e.g. an upload rewriting it) or names a trial without an id."""
+    files = experiment_state_files(names)
+    if not files:
+        return None
+    try:
+        ids = {trial.trial_id for trial in parse_experiment_state(read(files[-1]))}
+    except (OSError, ValueError):
+        return None
+    return None if None in ids else ids
 
 
 _CHECKPOINT_NAME = re.compile(r"checkpoint_\d{6}")
@@ -306,8 +323,9 @@ _LOCK_TYPE = type(threading.Lock())
 
 
 def _define_searcher() -> None:
-    global StudySearch
+    global StudySearch, StudySearchGenerator
     from optuna.trial import TrialState
+    from ray.tune.search import ConcurrencyLimiter, SearchGenerator
     from ray.tune.search.optuna import OptunaSearch
 
     class StudySearch(OptunaSearch):
@@ -315,22 +333,28 @@ def _define_searcher() -> None:
         each Optuna trial carries its Tune trial id as the user attribute :data:`TUNE_TRIAL_ID_ATTR`.
 
         Args (besides OptunaSearch's): steps, the sweep's step count: a trial that ends before it was
-        stopped by the scheduler and is told PRUNED (no value; telling PRUNED with a value raises in Optuna).
+        stopped by the scheduler and is told PRUNED (no value; telling PRUNED with a value raises in Optuna);
+        location, the experiment's :class:`selmix_ray.storage.Location` (where Tune's snapshots land).
 
-        The study never holds a finished trial that the experiment's snapshot does not know. A trial that
-        started after the last snapshot (``save``) and finishes before the next one is told to Optuna at
-        that next snapshot, not at once: if the driver dies in between, Tune forgets the trial, and
-        ``restore`` then marks its Optuna trial FAIL (a finished trial could no longer be changed, and the
-        study would end with more COMPLETE + PRUNED trials than the experiment has). Trials the last
-        snapshot knows are told at once. Tune snapshots every ~10 s (its adaptive ``checkpoint_period``), so
-        the delay is short.
+        The study never holds a finished trial that the experiment snapshot *on storage* does not list.
+        Tune writes a snapshot to the driver's staging folder (calling ``save`` then) and uploads it
+        afterwards, asynchronously; a driver killed before the upload lands leaves an older snapshot on
+        storage, and ``Tuner.restore`` forgets every trial that only the lost one listed. So a finished trial
+        is told to Optuna only once the newest snapshot on storage lists it: at once when the last look at
+        storage (``tell_listed``, at every ``save`` and at the experiment's end) already saw it, otherwise at
+        the first later look that does. On ``restore`` the storage snapshot decides: held outcomes of trials
+        it lists are told, Optuna trials it does not list are marked FAIL (a finished trial can no longer be
+        changed, and the study would end with more COMPLETE + PRUNED trials than the experiment has), and the
+        searcher forgets them (:meth:`reconcile`).
         """
 
-        def __init__(self, *, steps: int, **kwargs):
+        def __init__(self, *, steps: int, location=None, **kwargs):
             super().__init__(**kwargs)
             self._steps = steps
-            self._in_snapshot: set[str] = set()  # trial ids the last snapshot knows
-            self._untold: dict[str, dict] = {}  # trial id -> tell kwargs, held until the next snapshot
+            self._location = location
+            self._on_storage: set[str] = set()  # trial ids the snapshot on storage listed at the last look
+            self._untold: dict[str, dict] = {}  # trial id -> tell kwargs, held until storage lists the trial
+            self._restored_listing: set[str] | None = None
 
         def suggest(self, trial_id: str):
             asked_before = trial_id in self._ot_trials
@@ -339,12 +363,29 @@ def _define_searcher() -> None:
                 self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID_ATTR, trial_id)
             return config
 
+        def storage_listing(self) -> set[str] | None:
+            """Trial ids the newest experiment snapshot on storage lists; None when none can be read."""
+            if self._location is None:
+                return None
+            try:
+                return listed_trial_ids(self._location.listdir(), self._location.read_bytes)
+            except OSError:
+                return None
+
+        def tell_listed(self) -> None:
+            """Tell Optuna the held outcomes of trials that the snapshot on storage now lists."""
+            listed = self.storage_listing()
+            if listed is None:
+                return
+            self._on_storage = listed
+            for trial_id in [t for t in self._untold if t in listed]:
+                tell(self._ot_study, self._ot_trials[trial_id], **self._untold.pop(trial_id))
+
         def save(self, checkpoint_path: str) -> None:
-            for trial_id, outcome in self._untold.items():  # Tune wrote this snapshot's trial states before
-                tell(self._ot_study, self._ot_trials[trial_id], **outcome)
-            self._untold = {}
-            self._in_snapshot = set(self._ot_trials)
-            super().save(checkpoint_path)
+            self.tell_listed()  # Tune wrote this snapshot to staging only: storage has the previous one
+            state = {k: v for k, v in self.__dict__.items() if k != "_location"}  # the place: this run's
+            with open(checkpoint_path, "wb") as file:
+                pickle.dump(state, file)
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             if isinstance(self.metric, list) or trial_id in self._completed_trials:
@@ -355,7 +396,7 @@ def _define_searcher() -> None:
                 pass  # e.g. a restored trial that Optuna already saw finish
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if trial_id in self._completed_trials:
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return
             ot_trial = self._ot_trials[trial_id]
             metrics = self.metric if isinstance(self.metric, list) else [self.metric]
@@ -367,22 +408,83 @@ def _define_searcher() -> None:
                 outcome = {"state": TrialState.PRUNED}
             else:
                 outcome = {"values": values if len(values) > 1 else values[0], "state": TrialState.COMPLETE}
-            if trial_id in self._in_snapshot:
+            if trial_id in self._on_storage:
                 tell(self._ot_study, ot_trial, **outcome)
             else:
                 self._untold[trial_id] = outcome
             self._completed_trials.add(trial_id)
 
         def restore(self, checkpoint_path: str) -> None:
-            study, storage = getattr(self, "_ot_study", None), getattr(self, "_storage", None)
+            study, storage, location = (getattr(self, "_ot_study", None), getattr(self, "_storage", None),
+                                        getattr(self, "_location", None))
             super().restore(checkpoint_path)
             _keep_current_study(self, study, storage)
+            self._location = location
             self.__dict__.setdefault("_untold", {})  # a state saved before these attributes existed
-            self._in_snapshot = set(self._ot_trials)
-            known = {ot_trial.number for ot_trial in self._ot_trials.values()}
+            self.__dict__.pop("_in_snapshot", None)
+            self._restored_listing = self.storage_listing()
+            self.reconcile(self._restored_listing)
+
+        def reconcile(self, listed: set[str] | None) -> None:
+            """Make the searcher and the study agree with the trials Tune restores (``listed``: the trial ids
+            of the snapshot it restores from; None: unknown, then the searcher's own state is trusted).
+
+            Held outcomes of listed trials are told; trials not listed are forgotten (a killed driver started
+            them after its last snapshot reached storage; Tune never continues them); every RUNNING Optuna
+            trial that no listed trial owns is marked FAIL; a listed trial the saved searcher did not know
+            yet (its state older than the snapshot) is linked again through its user attribute.
+            """
+            if listed is not None:
+                for trial_id in [t for t in self._ot_trials if t not in listed]:
+                    del self._ot_trials[trial_id]
+                    self._completed_trials.discard(trial_id)
+                self._relink(listed - set(self._ot_trials))
+            for trial_id, outcome in self._untold.items():
+                if trial_id in self._ot_trials:
+                    tell(self._ot_study, self._ot_trials[trial_id], **outcome)
+            self._untold = {}
+            self._on_storage = set(self._ot_trials) if listed is None else set(listed)
+            owned = {ot_trial.number for ot_trial in self._ot_trials.values()}
             for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if trial.number not in known:  # asked after the last snapshot: Tune never recorded it
+                if trial.number not in owned:  # asked after the last snapshot on storage: Tune never recorded it
                     tell(self._ot_study, trial.number, state=TrialState.FAIL)
+
+        def _relink(self, trial_ids: set[str]) -> None:
+            if not trial_ids:
+                return
+            import optuna
+
+            for trial in self._ot_study.get_trials(deepcopy=False):
+                trial_id = trial.user_attrs.get(TUNE_TRIAL_ID_ATTR)
+                if trial_id in trial_ids:
+                    self._ot_trials[trial_id] = optuna.Trial(self._ot_study, trial._trial_id)
+                    if trial.state.is_finished():
+                        self._completed_trials.add(trial_id)
+
+    class StudySearchGenerator(SearchGenerator):
+        """Tune's SearchGenerator whose restored trial counter and concurrency slots follow the trials Tune
+        restores (the snapshot on storage), not the saved searcher state.
+
+        Tune uploads a snapshot's files one by one; a driver killed during the upload can leave a newer
+        searcher state beside an older trial list, whose counter then already counts the trials Tune
+        forgot: the resumed sweep would end short of ``num_samples``, or wait for concurrency slots held by
+        trials that never finish. After Tune's restore, the counter is the number of trials restored and the
+        :class:`~ray.tune.search.ConcurrencyLimiter` keeps only restored trials as live.
+        """
+
+        def restore_from_dir(self, dirpath: str) -> None:
+            super().restore_from_dir(dirpath)
+            searcher, limiter = self.searcher, None
+            while hasattr(searcher, "searcher"):
+                limiter = searcher if isinstance(searcher, ConcurrencyLimiter) else limiter
+                searcher = searcher.searcher
+            listed = getattr(searcher, "_restored_listing", None)
+            if listed is None:
+                return
+            self._counter = len(listed)
+            if limiter is not None:
+                limiter.live_trials = {t for t in limiter.live_trials if t in listed}
+                limiter.num_unfinished_live_trials = len(limiter.live_trials)
 
 
 def _keep_current_study(searcher, study, storage) -> None:
@@ -458,13 +560,16 @@ def _define_callback() -> None:
 
         Tune calls ``get_state`` of every callback when it saves the experiment state (every ~10 s and at
         the end): that is when ``scheduler_state.json`` is written (:func:`scheduler_state`); it returns None (nothing for Tune to
-        keep). ``location`` is a :class:`selmix_ray.storage.Location`; ``journal`` the local journal file.
+        keep). ``location`` is a :class:`selmix_ray.storage.Location`; ``journal`` the local journal file;
+        ``searcher`` the :class:`StudySearch`, told at the experiment's end (after Tune's final snapshot is
+        on storage) to tell Optuna the outcomes it still holds.
         """
 
-        def __init__(self, location, journal: Path, scheduler=None):
+        def __init__(self, location, journal: Path, scheduler=None, searcher=None):
             self.location = location
             self.journal = journal
             self.scheduler = scheduler
+            self.searcher = searcher
 
         def setup(self, **info) -> None:
             if self.scheduler is None:
@@ -482,6 +587,8 @@ def _define_callback() -> None:
             return None
 
         def on_experiment_end(self, trials, **info) -> None:
+            if self.searcher is not None:  # after Tune's final snapshot reached storage (or failed to)
+                self.searcher.tell_listed()
             self.snapshot()
 
         def snapshot(self) -> None:

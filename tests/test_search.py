@@ -319,9 +319,10 @@ def test_a_ray_that_search_started_is_shut_down_and_the_callers_is_not(monkeypat
     assert calls == []
 
 
-def test_resume_removes_trial_folders_the_last_snapshot_does_not_list(tmp_path):
+def test_resume_sets_aside_trial_folders_the_last_snapshot_does_not_list(tmp_path):
     import importlib
 
+    from selmix_ray.constants import ORPHANS_DIR
     from selmix_ray.ownership import ExperimentLock
     from selmix_ray.storage import Location
 
@@ -331,6 +332,7 @@ def test_resume_removes_trial_folders_the_last_snapshot_does_not_list(tmp_path):
     for name in ("run_trial_known_1", "run_trial_orphan_2"):
         (experiment / name).mkdir(parents=True)
         (experiment / name / "params.json").write_text("{}")
+    (experiment / "run_trial_orphan_2" / "result.json").write_text('{"step": 100}\n')  # finished work
     (experiment / "not_a_trial").mkdir()
     trial = json.dumps({"trial_id": "known", "relative_logdir": "run_trial_known_1"})
     (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text(
@@ -339,15 +341,19 @@ def test_resume_removes_trial_folders_the_last_snapshot_does_not_list(tmp_path):
         json.dumps({"trial_data": [[trial, {}]]}))  # the newest snapshot is the one Tune restores
     lock = ExperimentLock(Location.of_experiment(experiment), "resume")
     with pytest.raises(RuntimeError, match="only under the experiment's lock"):
-        sweep._remove_orphan_trial_folders(Location.of_experiment(experiment), lock)
+        sweep._set_aside_orphan_trial_folders(Location.of_experiment(experiment), lock)
     lock.acquire()
-    for storage in (str(experiment), f"file://{experiment}"):
-        sweep._remove_orphan_trial_folders(Location.of_experiment(storage), lock)
-        assert sorted(p.name for p in experiment.iterdir() if p.is_dir()) == ["not_a_trial", "run_trial_known_1"]
+    for copy, storage in enumerate((str(experiment), f"file://{experiment}")):  # the second: synced back
+        assert sweep._set_aside_orphan_trial_folders(Location.of_experiment(storage), lock) == ["run_trial_orphan_2"]
+        assert sorted(p.name for p in experiment.iterdir() if p.is_dir()) == [
+            "not_a_trial", ORPHANS_DIR, "run_trial_known_1"]
+        kept = experiment / ORPHANS_DIR / ("run_trial_orphan_2" + (f".{copy}" if copy else ""))
+        assert (kept / "result.json").read_text() == '{"step": 100}\n'  # nothing deleted
         (experiment / "run_trial_orphan_2").mkdir()
         (experiment / "run_trial_orphan_2" / "params.json").write_text("{}")
+        (experiment / "run_trial_orphan_2" / "result.json").write_text('{"step": 100}\n')
     (experiment / "experiment_state-2026-01-01_00-00-10.json").write_text('{"trial_data": [')  # half-written
-    assert sweep._remove_orphan_trial_folders(Location.of_experiment(experiment), lock) == []
+    assert sweep._set_aside_orphan_trial_folders(Location.of_experiment(experiment), lock) == []
     lock.release()
     assert (experiment / "run_trial_orphan_2").is_dir()
 
@@ -375,52 +381,72 @@ def test_nsga2_sampler_pickles_and_keeps_sampling_after_a_round_trip():
     assert len(study.trials) == 10 and all(t.state.name == "COMPLETE" for t in study.trials)
 
 
-def test_a_trial_finished_after_the_last_snapshot_is_told_only_at_the_next(tmp_path):
-    """The study never holds a finished trial that the experiment snapshot does not know.
+def test_a_finished_trial_is_told_only_once_the_snapshot_on_storage_lists_it(tmp_path):
+    """The study never holds a finished trial that the experiment snapshot on storage does not list.
 
-    Plays Tune's calls by hand: trial a is in the snapshot and is told at once; trial b starts after it
-    and finishes, and is held; a driver killed now leaves b RUNNING, which restore marks FAIL; with a
-    snapshot instead, b is told then.
+    Plays Tune's calls by hand. Tune writes a snapshot to its staging folder (calling the searcher's
+    ``save``) and uploads it later; ``upload`` plays a finished upload. Trial a is on storage and is told
+    at once; b starts after that upload and finishes, and is held, also through a staging save whose upload
+    never lands; a driver killed now leaves a storage snapshot without b and a searcher state (the newer
+    one) that holds b: restore forgets b and marks it FAIL, and the generator's counter and concurrency
+    slots count a alone. Had the driver lived, the next upload would have let b be told.
     """
     import optuna
+    from ray.tune.search import ConcurrencyLimiter
 
     from selmix_ray.space import load_space
-    from selmix_ray.storage import journal_storage
-    from selmix_ray.sweep import StudySearch
+    from selmix_ray.storage import Location, journal_storage
+    from selmix_ray.sweep import StudySearch, StudySearchGenerator
 
     space = load_space({"objective": "min_recall", "space": {"lr": {"loguniform": [0.1, 10.0]}},
                         "fixed": {"steps": 100, "eval_every": 10}}).define_by_run()  # picklable, as in sweeps
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    journal = tmp_path / "killed" / JOURNAL_FILE
+    uploads = []
 
-    def searcher(journal):
+    def upload(location, *trial_ids):
+        uploads.append(trial_ids)
+        records = [[json.dumps({"trial_id": t, "relative_logdir": f"run_{t}"}), {}] for t in trial_ids]
+        location.write_bytes(f"experiment_state-2026-01-01_00-00-{len(uploads):02d}.json",
+                             json.dumps({"trial_data": records}).encode())
+
+    def searcher(location):
         return StudySearch(space=space, metric="val/best_objective", mode="max", steps=100,
                            sampler=optuna.samplers.RandomSampler(seed=0), study_name="s",
-                           storage=journal_storage(journal))
+                           storage=journal_storage(Path(location.path) / JOURNAL_FILE), location=location)
 
-    live = searcher(journal)
+    killed = Location(tmp_path, "killed")
+    journal = Path(killed.path) / JOURNAL_FILE
+    live = searcher(killed)
+    live_generator = StudySearchGenerator(ConcurrencyLimiter(live, max_concurrent=2))
     live.suggest("a")
-    live.save(str(tmp_path / "snapshot1.pkl"))  # Tune snapshots with trial a running
+    upload(killed, "a")
+    live.save(str(tmp_path / "staging1.pkl"))  # looks at storage: a is listed
     live.suggest("b")
-    live.on_trial_complete("a", {"val/best_objective": 0.5, "step": 100})  # known: told at once
-    live.on_trial_complete("b", {"val/best_objective": 0.7, "step": 30})  # started after it: held
+    live.on_trial_complete("a", {"val/best_objective": 0.5, "step": 100})  # on storage: told at once
+    live.on_trial_complete("b", {"val/best_objective": 0.7, "step": 30})  # not on storage: held
     assert [t.state.name for t in _study(journal, "s").trials] == ["COMPLETE", "RUNNING"]
+    live.save(str(tmp_path / "staging2.pkl"))  # a staged snapshot lists b, but its upload never lands
+    assert [t.state.name for t in _study(journal, "s").trials] == ["COMPLETE", "RUNNING"]
+    live_generator._counter, live_generator.searcher.live_trials = 2, {"b"}  # as Tune left them
+    (tmp_path / "staging").mkdir()
+    live_generator.save_to_dir(str(tmp_path / "staging"), session_str="x")
 
-    restored = searcher(journal)  # the driver was killed before the next snapshot
-    restored.restore(str(tmp_path / "snapshot1.pkl"))
+    restored = searcher(killed)  # the driver was killed; resume restores from storage
+    generator = StudySearchGenerator(ConcurrencyLimiter(restored, max_concurrent=2))
+    generator.restore_from_dir(str(tmp_path / "staging"))  # the newer searcher state, which holds b
     assert [t.state.name for t in _study(journal, "s").trials] == ["COMPLETE", "FAIL"]
+    assert set(restored._ot_trials) == {"a"} and restored._untold == {}
+    assert generator._counter == 1 and generator.searcher.live_trials == set()  # b is replaced, not waited for
 
-    live.save(str(tmp_path / "snapshot2.pkl"))  # had it lived: the next snapshot tells b
-    trials = _study(journal, "s").trials
-    assert trials[0].value == 0.5 and trials[1].state.name == "FAIL"  # FAIL is final: b's PRUNED is refused
-
-    journal = tmp_path / "lived" / JOURNAL_FILE  # the same, with no kill: c is told at the next snapshot
-    live = searcher(journal)
+    lived = Location(tmp_path, "lived")  # the same with no kill: c is told once an upload lists it
+    live = searcher(lived)
     live.suggest("c")
     live.on_trial_complete("c", {"val/best_objective": 0.9, "step": 100})
-    assert _study(journal, "s").trials[0].state.name == "RUNNING"
-    live.save(str(tmp_path / "lived.pkl"))
-    (trial,) = _study(journal, "s").trials
+    live.save(str(tmp_path / "lived1.pkl"))
+    assert _study(Path(lived.path) / JOURNAL_FILE, "s").trials[0].state.name == "RUNNING"
+    upload(lived, "c")
+    live.tell_listed()  # the next save, or the experiment's end
+    (trial,) = _study(Path(lived.path) / JOURNAL_FILE, "s").trials
     assert trial.state.name == "COMPLETE" and trial.value == 0.9
 
 
