@@ -15,21 +15,21 @@ What selmix-ray relies on beyond their public APIs, and the function or class th
   keeping its journal storage as ``_storage`` (:class:`StudySearch`'s ``restore``);
 - the text of the warning that ``ray.tune.execution.experiment_state`` logs at frequent snapshots
   (:func:`quiet_snapshot_warning`);
-- the layout of Tune's ``experiment_state-<time>.json`` files: ``{"trial_data": [[trial_json,
-  runtime_json], ...]}`` with ``trial_id``, ``status`` and ``relative_logdir`` in the trial's JSON and
-  ``num_failures`` in the runtime JSON (:func:`parse_experiment_state`, :func:`read_trial_states`), and the
-  trial's checkpoint manager as a hex ``CLOUDPICKLE_FALLBACK`` blob in the runtime JSON whose bytes name
-  the trial's ``checkpoint_XXXXXX`` folders (:func:`snapshot_checkpoints`, which never unpickles it);
-- the lines of Optuna's journal file (JSON objects with ``op_code`` 0 create study, 4 create trial, 8 set
-  a trial's user attribute; trial ids global, numbers per study, both in creation order), read without
-  importing Optuna so that ``results`` stays Optuna-free (:func:`read_journal_trial_links`).
+- the layout of Tune's ``experiment_state-<time>.json`` files and of Optuna's journal lines, read without
+  Ray or Optuna in ``tune_files`` (re-exported here: :func:`parse_experiment_state`,
+  :func:`read_trial_states`, :func:`listed_trial_ids`, :func:`snapshot_checkpoints`,
+  :func:`damaged_snapshot_files`, :func:`read_journal_trial_links`);
+- Tune calling the searcher's ``save`` when it writes a snapshot to the driver's staging folder, before
+  it uploads that snapshot's files to storage one by one; ``SearchGenerator``'s ``_counter`` and
+  ``ConcurrencyLimiter``'s ``live_trials`` (:class:`StudySearch`, :class:`StudySearchGenerator`).
 
 ``tests/test_tune_adapter.py`` checks each of these on the installed versions and that those are within
 :data:`TESTED_VERSIONS`; when one fails it names the function here to revisit.
 
 Importing this module imports neither Ray nor Optuna (``results`` reads experiment states with Ray
-stopped): the three classes that subclass Ray's and Optuna's are defined on first access (module
-``__getattr__``), which imports them then. Pickles name them ``selmix_ray.tune_adapter.<Class>``.
+stopped): the four classes that subclass Ray's and Optuna's are defined on first access (module
+``__getattr__``), which imports them then; the methods of two of them live in mixins here
+(``_StudySearchMethods``, ``_GeneratorMethods``). Pickles name them ``selmix_ray.tune_adapter.<Class>``.
 """
 
 from __future__ import annotations
@@ -42,11 +42,23 @@ import pickle
 import re
 import tempfile
 import threading
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from .constants import JOURNAL_FILE, LEGACY_SCHEDULER_STATE_FILE, SCHEDULER_STATE_FILE, STEP_KEY
+from .tune_files import (  # re-exported: the files' readers live there, without Ray or Optuna
+    EXPERIMENT_STATE_PREFIX,
+    TUNE_TRIAL_ID_ATTR,
+    TuneTrialState,
+    damaged_snapshot_files,
+    experiment_state_files,
+    journal_op_codes,
+    listed_trial_ids,
+    parse_experiment_state,
+    read_journal_trial_links,
+    read_trial_states,
+    snapshot_checkpoints,
+)
 
 __all__ = [
     "TESTED_VERSIONS",
@@ -74,10 +86,8 @@ __all__ = [
 
 # package -> (lowest tested, first untested) release: [low, high). Widen only after the adapter tests pass.
 TESTED_VERSIONS = {"ray": ((2, 60), (2, 61)), "optuna": ((5, 1), (5, 2))}
-EXPERIMENT_STATE_PREFIX = "experiment_state-"  # Tune's CKPT_FILE_TMPL "experiment_state-{}.json"
 SNAPSHOT_WARNING = "snapshotting has been triggered multiple times"  # part of Tune's warning text
 SNAPSHOT_LOGGER = "ray.tune.execution.experiment_state"  # the module that logs it
-TUNE_TRIAL_ID_ATTR = "tune_trial_id"  # the Optuna user attribute that holds a trial's Tune trial id
 _LAZY_CLASSES = ("StudySearch", "StudySearchGenerator", "PicklableNSGAIISampler", "SnapshotCallback")
 
 
@@ -94,171 +104,6 @@ def untested_versions() -> list[str]:
 
 
 # -- Tune's experiment state (no Ray needed) ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TuneTrialState:
-    """One trial as Tune's experiment snapshot records it.
-
-    Attributes:
-        trial_id: Tune's trial id (None when the record has none).
-        status: "PENDING", "RUNNING", "PAUSED", "TERMINATED" or "ERROR".
-        num_failures: how many times the trial failed (each retried from its last checkpoint).
-        relative_logdir: the trial's folder name inside the experiment (None when the record has none).
-    """
-
-    trial_id: str | None
-    status: str | None
-    num_failures: int
-    relative_logdir: str | None
-
-
-def experiment_state_files(names: list[str]) -> list[str]:
-    """The experiment snapshot files among ``names``, oldest first (their names sort by time)."""
-    return sorted(n for n in names if n.startswith(EXPERIMENT_STATE_PREFIX) and n.endswith(".json"))
-
-
-def parse_experiment_state(data: str | bytes) -> list[TuneTrialState]:
-    """The trials of one experiment snapshot file's text; ValueError when it is not a readable snapshot
-    (e.g. half-written). A runtime record that is already a mapping is read as it is."""
-    try:
-        out = []
-        for trial_json, runtime_json in json.loads(data)["trial_data"]:
-            trial = json.loads(trial_json)
-            runtime = json.loads(runtime_json) if isinstance(runtime_json, (str, bytes)) else runtime_json
-            out.append(TuneTrialState(trial_id=trial.get("trial_id"), status=trial.get("status"),
-                                      num_failures=runtime.get("num_failures", 0),
-                                      relative_logdir=trial.get("relative_logdir")))
-        return out
-    except (KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"not a Tune experiment snapshot: {error!r}") from None
-
-
-def read_trial_states(folder: str | os.PathLike) -> dict[str, TuneTrialState]:
-    """{trial_id: state} from the newest readable snapshot in the local experiment ``folder`` (a running
-    sweep rewrites them, so a newer one may be half-written); {} when there is none."""
-    folder = Path(folder)
-    for name in reversed(experiment_state_files(os.listdir(folder))):
-        try:
-            trials = parse_experiment_state((folder / name).read_bytes())
-            if any(trial.trial_id is None for trial in trials):
-                raise ValueError("a trial without trial_id")
-            return {trial.trial_id: trial for trial in trials}
-        except (OSError, ValueError):
-            continue
-    return {}
-
-
-def listed_trial_ids(names: list[str], read) -> set[str] | None:
-    """Trial ids of the newest experiment snapshot among ``names`` (the greatest name: the one
-    ``Tuner.restore`` restores from); ``read(name)`` -> bytes. None when there is none, or it cannot be read
-    (e.g. an upload rewriting it) or names a trial without an id."""
-    files = experiment_state_files(names)
-    if not files:
-        return None
-    try:
-        ids = {trial.trial_id for trial in parse_experiment_state(read(files[-1]))}
-    except (OSError, ValueError):
-        return None
-    return None if None in ids else ids
-
-
-_CHECKPOINT_NAME = re.compile(r"checkpoint_\d{6}")
-
-
-def snapshot_checkpoints(data: str | bytes) -> dict[str, set[str]]:
-    """{trial folder: names of the checkpoint folders it mentions} in one experiment snapshot's text.
-
-    A superset of what Tune can restore from: every ``checkpoint_XXXXXX`` name found in the trial's records,
-    its pickled checkpoint manager read as bytes (never unpickled). ValueError when the text is not a
-    readable snapshot or a trial has no folder name.
-    """
-    try:
-        out = {}
-        for trial_json, runtime_json in json.loads(data)["trial_data"]:
-            folder = json.loads(trial_json).get("relative_logdir")
-            if not folder:
-                raise ValueError("a trial without relative_logdir")
-            text = f"{trial_json}{runtime_json}"
-            blobs = re.findall(r"[0-9a-f]{40,}", text)  # the hex of CLOUDPICKLE_FALLBACK values
-            found = set(_CHECKPOINT_NAME.findall(text))
-            for blob in blobs:
-                found |= set(_CHECKPOINT_NAME.findall(bytes.fromhex(blob[: len(blob) // 2 * 2]).decode("latin-1")))
-            out[folder] = found
-        return out
-    except (KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"not a Tune experiment snapshot: {error!r}") from None
-
-
-SNAPSHOT_FILE_PREFIXES = (EXPERIMENT_STATE_PREFIX, "searcher-state-", "search_gen_state-")
-
-
-def damaged_snapshot_files(names: list[str], read) -> list[str]:
-    """The newest experiment snapshot's files (``experiment_state-``, ``searcher-state-``,
-    ``search_gen_state-`` (a pickle), ``tuner.pkl``) among ``names`` that are torn: JSON that does not parse, a pickle
-    whose opcodes do not reach STOP (checked with ``pickletools``, never loaded). ``read(name)`` -> bytes.
-
-    Tune uploads a snapshot by rewriting these files in place, so a driver killed during the upload leaves
-    them truncated (seen: an empty ``experiment_state``), and ``Tuner.restore`` then restores no trial.
-    """
-    import pickletools
-
-    newest = [n for n in names if n == "tuner.pkl"]
-    for prefix in SNAPSHOT_FILE_PREFIXES:
-        newest += sorted(n for n in names if n.startswith(prefix))[-1:]
-    damaged = []
-    for name in newest:
-        data = read(name)
-        try:
-            if name.startswith(EXPERIMENT_STATE_PREFIX):  # search_gen_state-*.json is a pickle, despite its name
-                json.loads(data)
-            else:
-                list(pickletools.genops(data))
-                if not data.endswith(b"."):
-                    raise ValueError("no STOP opcode")
-        except Exception:  # noqa: BLE001 (any parse failure means torn)
-            damaged.append(name)
-    return damaged
-
-
-# -- Optuna's journal (no Optuna needed) ---------------------------------------------------------------
-
-_CREATE_STUDY, _CREATE_TRIAL, _SET_TRIAL_USER_ATTR = 0, 4, 8  # optuna.storages.journal JournalOperation
-
-
-def journal_op_codes() -> tuple[int, int]:
-    """(create study, create trial): the ``op_code`` of those records in Optuna's journal lines."""
-    return _CREATE_STUDY, _CREATE_TRIAL
-
-
-def read_journal_trial_links(path: str | os.PathLike, study_name: str) -> dict[str, int]:
-    """{Tune trial id: Optuna trial number} from the :data:`TUNE_TRIAL_ID_ATTR` user attributes in the
-    journal file at ``path``, for the study ``study_name`` (the only study when none has that name).
-
-    A line that is not JSON (a sweep writing its last line) is skipped; {} when nothing links.
-    """
-    studies: list[str] = []  # study id -> name
-    trials: list[tuple[int, int]] = []  # global trial id -> (study id, number in its study)
-    per_study: dict[int, int] = {}
-    attrs: dict[int, str] = {}  # global trial id -> Tune trial id
-    with open(path, encoding="utf-8", errors="replace") as journal:  # a damaged (binary) line is skipped
-        for line in journal:
-            try:
-                op = json.loads(line)
-            except ValueError:
-                continue
-            code = op.get("op_code") if isinstance(op, dict) else None
-            if code == _CREATE_STUDY:
-                studies.append(op.get("study_name"))
-            elif code == _CREATE_TRIAL and isinstance(op.get("study_id"), int):
-                study = op["study_id"]
-                trials.append((study, per_study.get(study, 0)))
-                per_study[study] = per_study.get(study, 0) + 1
-            elif code == _SET_TRIAL_USER_ATTR and TUNE_TRIAL_ID_ATTR in (op.get("user_attr") or {}):
-                attrs[op.get("trial_id")] = op["user_attr"][TUNE_TRIAL_ID_ATTR]
-    wanted = studies.index(study_name) if study_name in studies else (0 if len(studies) == 1 else None)
-    return {tune_id: trials[trial][1] for trial, tune_id in attrs.items()
-            if isinstance(trial, int) and trial < len(trials) and trials[trial][0] == wanted}
 
 
 # -- logging -------------------------------------------------------------------------------------------
@@ -322,169 +167,185 @@ def _define_sampler() -> None:
 _LOCK_TYPE = type(threading.Lock())
 
 
+class _StudySearchMethods:
+    """OptunaSearch that tells PRUNED trials, tolerates re-told trials and fails orphans on restore;
+    each Optuna trial carries its Tune trial id as the user attribute :data:`TUNE_TRIAL_ID_ATTR`.
+
+    Args (besides OptunaSearch's): steps, the sweep's step count: a trial that ends before it was
+    stopped by the scheduler and is told PRUNED (no value; telling PRUNED with a value raises in Optuna);
+    location, the experiment's :class:`selmix_ray.storage.Location` (where Tune's snapshots land).
+
+    The study never holds a finished trial that the experiment snapshot *on storage* does not list.
+    Tune writes a snapshot to the driver's staging folder (calling ``save`` then) and uploads it
+    afterwards, asynchronously; a driver killed before the upload lands leaves an older snapshot on
+    storage, and ``Tuner.restore`` forgets every trial that only the lost one listed. So a finished trial
+    is told to Optuna only once the newest snapshot on storage lists it: at once when the last look at
+    storage (``tell_listed``, at every ``save`` and at the experiment's end) already saw it, otherwise at
+    the first later look that does. On ``restore`` the storage snapshot decides: held outcomes of trials
+    it lists are told, Optuna trials it does not list are marked FAIL (a finished trial can no longer be
+    changed, and the study would end with more COMPLETE + PRUNED trials than the experiment has), and the
+    searcher forgets them (:meth:`reconcile`).
+    """
+
+    def __init__(self, *, steps: int, location=None, **kwargs):
+        super().__init__(**kwargs)
+        self._steps = steps
+        self._location = location
+        self._on_storage: set[str] = set()  # trial ids the snapshot on storage listed at the last look
+        self._untold: dict[str, dict] = {}  # trial id -> tell kwargs, held until storage lists the trial
+        self._restored_listing: set[str] | None = None
+
+    def suggest(self, trial_id: str):
+        asked_before = trial_id in self._ot_trials
+        config = super().suggest(trial_id)
+        if not asked_before and trial_id in self._ot_trials:  # the link Run.df and the study share
+            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID_ATTR, trial_id)
+        return config
+
+    def storage_listing(self) -> set[str] | None:
+        """Trial ids the newest experiment snapshot on storage lists; None when none can be read."""
+        if self._location is None:
+            return None
+        try:
+            return listed_trial_ids(self._location.listdir(), self._location.read_bytes)
+        except OSError:
+            return None
+
+    def tell_listed(self) -> None:
+        """Tell Optuna the held outcomes of trials that the snapshot on storage now lists (storage is read
+        only while an outcome is held: a snapshot of a large sweep is megabytes)."""
+        if not self._untold:
+            return
+        listed = self.storage_listing()
+        if listed is None:
+            return
+        self._on_storage = listed
+        for trial_id in [t for t in self._untold if t in listed]:
+            tell(self._ot_study, self._ot_trials[trial_id], **self._untold.pop(trial_id))
+
+    def save(self, checkpoint_path: str) -> None:
+        self.tell_listed()  # Tune wrote this snapshot to staging only: storage has the previous one
+        state = {k: v for k, v in self.__dict__.items() if k != "_location"}  # the place: this run's
+        with open(checkpoint_path, "wb") as file:
+            pickle.dump(state, file)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, list) or trial_id in self._completed_trials:
+            return
+        try:  # intermediate values for optuna-dashboard, indexed by step
+            self._ot_trials[trial_id].report(float(result[self.metric]), int(result[STEP_KEY]))
+        except (RuntimeError, ValueError, KeyError):
+            pass  # e.g. a restored trial that Optuna already saw finish
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        from optuna.trial import TrialState
+
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        values = [None if not result else result.get(m) for m in metrics]
+        finished = bool(result) and result.get(STEP_KEY, -1) >= self._steps
+        if error or not result or any(v is None or not math.isfinite(v) for v in values):
+            outcome = {"state": TrialState.FAIL}
+        elif not finished:  # stopped early by the scheduler
+            outcome = {"state": TrialState.PRUNED}
+        else:
+            outcome = {"values": values if len(values) > 1 else values[0], "state": TrialState.COMPLETE}
+        if trial_id in self._on_storage:
+            tell(self._ot_study, ot_trial, **outcome)
+        else:
+            self._untold[trial_id] = outcome
+        self._completed_trials.add(trial_id)
+
+    def restore(self, checkpoint_path: str) -> None:
+        study, storage, location = (getattr(self, "_ot_study", None), getattr(self, "_storage", None),
+                                    getattr(self, "_location", None))
+        super().restore(checkpoint_path)
+        _keep_current_study(self, study, storage)
+        self._location = location
+        self.__dict__.setdefault("_untold", {})  # a state saved before these attributes existed
+        self.__dict__.pop("_in_snapshot", None)
+        self._restored_listing = self.storage_listing()
+        self.reconcile(self._restored_listing)
+
+    def reconcile(self, listed: set[str] | None) -> None:
+        """Make the searcher and the study agree with the trials Tune restores (``listed``: the trial ids
+        of the snapshot it restores from; None: unknown, then the searcher's own state is trusted).
+
+        Held outcomes of listed trials are told; trials not listed are forgotten (a killed driver started
+        them after its last snapshot reached storage; Tune never continues them); every RUNNING Optuna
+        trial that no listed trial owns is marked FAIL; a listed trial the saved searcher did not know
+        yet (its state older than the snapshot) is linked again through its user attribute.
+        """
+        if listed is not None:
+            for trial_id in [t for t in self._ot_trials if t not in listed]:
+                del self._ot_trials[trial_id]
+                self._completed_trials.discard(trial_id)
+            self._relink(listed - set(self._ot_trials))
+        for trial_id, outcome in self._untold.items():
+            if trial_id in self._ot_trials:
+                tell(self._ot_study, self._ot_trials[trial_id], **outcome)
+        self._untold = {}
+        self._on_storage = set(self._ot_trials) if listed is None else set(listed)
+        from optuna.trial import TrialState
+
+        owned = {ot_trial.number for ot_trial in self._ot_trials.values()}
+        for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.number not in owned:  # asked after the last snapshot on storage: Tune never recorded it
+                tell(self._ot_study, trial.number, state=TrialState.FAIL)
+
+    def _relink(self, trial_ids: set[str]) -> None:
+        if not trial_ids:
+            return
+        import optuna
+
+        for trial in self._ot_study.get_trials(deepcopy=False):
+            trial_id = trial.user_attrs.get(TUNE_TRIAL_ID_ATTR)
+            if trial_id in trial_ids:
+                self._ot_trials[trial_id] = optuna.Trial(self._ot_study, trial._trial_id)
+                if trial.state.is_finished():
+                    self._completed_trials.add(trial_id)
+
+
+class _GeneratorMethods:
+    """Tune's SearchGenerator whose restored trial counter and concurrency slots follow the trials Tune
+    restores (the snapshot on storage), not the saved searcher state.
+
+    Tune uploads a snapshot's files one by one; a driver killed during the upload can leave a newer
+    searcher state beside an older trial list, whose counter then already counts the trials Tune
+    forgot: the resumed sweep would end short of ``num_samples``, or wait for concurrency slots held by
+    trials that never finish. After Tune's restore, the counter is the number of trials restored and the
+    :class:`~ray.tune.search.ConcurrencyLimiter` keeps only restored trials as live.
+    """
+
+    def restore_from_dir(self, dirpath: str) -> None:
+        from ray.tune.search import ConcurrencyLimiter
+
+        super().restore_from_dir(dirpath)
+        searcher, limiter = self.searcher, None
+        while hasattr(searcher, "searcher"):
+            limiter = searcher if isinstance(searcher, ConcurrencyLimiter) else limiter
+            searcher = searcher.searcher
+        listed = getattr(searcher, "_restored_listing", None)
+        if listed is None:
+            return
+        self._counter = len(listed)
+        if limiter is not None:
+            limiter.live_trials = {t for t in limiter.live_trials if t in listed}
+            limiter.num_unfinished_live_trials = len(limiter.live_trials)
+
+
 def _define_searcher() -> None:
     global StudySearch, StudySearchGenerator
-    from optuna.trial import TrialState
-    from ray.tune.search import ConcurrencyLimiter, SearchGenerator
+    from ray.tune.search import SearchGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    class StudySearch(OptunaSearch):
-        """OptunaSearch that tells PRUNED trials, tolerates re-told trials and fails orphans on restore;
-        each Optuna trial carries its Tune trial id as the user attribute :data:`TUNE_TRIAL_ID_ATTR`.
+    class StudySearch(_StudySearchMethods, OptunaSearch):
+        __doc__ = _StudySearchMethods.__doc__
 
-        Args (besides OptunaSearch's): steps, the sweep's step count: a trial that ends before it was
-        stopped by the scheduler and is told PRUNED (no value; telling PRUNED with a value raises in Optuna);
-        location, the experiment's :class:`selmix_ray.storage.Location` (where Tune's snapshots land).
-
-        The study never holds a finished trial that the experiment snapshot *on storage* does not list.
-        Tune writes a snapshot to the driver's staging folder (calling ``save`` then) and uploads it
-        afterwards, asynchronously; a driver killed before the upload lands leaves an older snapshot on
-        storage, and ``Tuner.restore`` forgets every trial that only the lost one listed. So a finished trial
-        is told to Optuna only once the newest snapshot on storage lists it: at once when the last look at
-        storage (``tell_listed``, at every ``save`` and at the experiment's end) already saw it, otherwise at
-        the first later look that does. On ``restore`` the storage snapshot decides: held outcomes of trials
-        it lists are told, Optuna trials it does not list are marked FAIL (a finished trial can no longer be
-        changed, and the study would end with more COMPLETE + PRUNED trials than the experiment has), and the
-        searcher forgets them (:meth:`reconcile`).
-        """
-
-        def __init__(self, *, steps: int, location=None, **kwargs):
-            super().__init__(**kwargs)
-            self._steps = steps
-            self._location = location
-            self._on_storage: set[str] = set()  # trial ids the snapshot on storage listed at the last look
-            self._untold: dict[str, dict] = {}  # trial id -> tell kwargs, held until storage lists the trial
-            self._restored_listing: set[str] | None = None
-
-        def suggest(self, trial_id: str):
-            asked_before = trial_id in self._ot_trials
-            config = super().suggest(trial_id)
-            if not asked_before and trial_id in self._ot_trials:  # the link Run.df and the study share
-                self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID_ATTR, trial_id)
-            return config
-
-        def storage_listing(self) -> set[str] | None:
-            """Trial ids the newest experiment snapshot on storage lists; None when none can be read."""
-            if self._location is None:
-                return None
-            try:
-                return listed_trial_ids(self._location.listdir(), self._location.read_bytes)
-            except OSError:
-                return None
-
-        def tell_listed(self) -> None:
-            """Tell Optuna the held outcomes of trials that the snapshot on storage now lists."""
-            listed = self.storage_listing()
-            if listed is None:
-                return
-            self._on_storage = listed
-            for trial_id in [t for t in self._untold if t in listed]:
-                tell(self._ot_study, self._ot_trials[trial_id], **self._untold.pop(trial_id))
-
-        def save(self, checkpoint_path: str) -> None:
-            self.tell_listed()  # Tune wrote this snapshot to staging only: storage has the previous one
-            state = {k: v for k, v in self.__dict__.items() if k != "_location"}  # the place: this run's
-            with open(checkpoint_path, "wb") as file:
-                pickle.dump(state, file)
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if isinstance(self.metric, list) or trial_id in self._completed_trials:
-                return
-            try:  # intermediate values for optuna-dashboard, indexed by step
-                self._ot_trials[trial_id].report(float(result[self.metric]), int(result[STEP_KEY]))
-            except (RuntimeError, ValueError, KeyError):
-                pass  # e.g. a restored trial that Optuna already saw finish
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-                return
-            ot_trial = self._ot_trials[trial_id]
-            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-            values = [None if not result else result.get(m) for m in metrics]
-            finished = bool(result) and result.get(STEP_KEY, -1) >= self._steps
-            if error or not result or any(v is None or not math.isfinite(v) for v in values):
-                outcome = {"state": TrialState.FAIL}
-            elif not finished:  # stopped early by the scheduler
-                outcome = {"state": TrialState.PRUNED}
-            else:
-                outcome = {"values": values if len(values) > 1 else values[0], "state": TrialState.COMPLETE}
-            if trial_id in self._on_storage:
-                tell(self._ot_study, ot_trial, **outcome)
-            else:
-                self._untold[trial_id] = outcome
-            self._completed_trials.add(trial_id)
-
-        def restore(self, checkpoint_path: str) -> None:
-            study, storage, location = (getattr(self, "_ot_study", None), getattr(self, "_storage", None),
-                                        getattr(self, "_location", None))
-            super().restore(checkpoint_path)
-            _keep_current_study(self, study, storage)
-            self._location = location
-            self.__dict__.setdefault("_untold", {})  # a state saved before these attributes existed
-            self.__dict__.pop("_in_snapshot", None)
-            self._restored_listing = self.storage_listing()
-            self.reconcile(self._restored_listing)
-
-        def reconcile(self, listed: set[str] | None) -> None:
-            """Make the searcher and the study agree with the trials Tune restores (``listed``: the trial ids
-            of the snapshot it restores from; None: unknown, then the searcher's own state is trusted).
-
-            Held outcomes of listed trials are told; trials not listed are forgotten (a killed driver started
-            them after its last snapshot reached storage; Tune never continues them); every RUNNING Optuna
-            trial that no listed trial owns is marked FAIL; a listed trial the saved searcher did not know
-            yet (its state older than the snapshot) is linked again through its user attribute.
-            """
-            if listed is not None:
-                for trial_id in [t for t in self._ot_trials if t not in listed]:
-                    del self._ot_trials[trial_id]
-                    self._completed_trials.discard(trial_id)
-                self._relink(listed - set(self._ot_trials))
-            for trial_id, outcome in self._untold.items():
-                if trial_id in self._ot_trials:
-                    tell(self._ot_study, self._ot_trials[trial_id], **outcome)
-            self._untold = {}
-            self._on_storage = set(self._ot_trials) if listed is None else set(listed)
-            owned = {ot_trial.number for ot_trial in self._ot_trials.values()}
-            for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if trial.number not in owned:  # asked after the last snapshot on storage: Tune never recorded it
-                    tell(self._ot_study, trial.number, state=TrialState.FAIL)
-
-        def _relink(self, trial_ids: set[str]) -> None:
-            if not trial_ids:
-                return
-            import optuna
-
-            for trial in self._ot_study.get_trials(deepcopy=False):
-                trial_id = trial.user_attrs.get(TUNE_TRIAL_ID_ATTR)
-                if trial_id in trial_ids:
-                    self._ot_trials[trial_id] = optuna.Trial(self._ot_study, trial._trial_id)
-                    if trial.state.is_finished():
-                        self._completed_trials.add(trial_id)
-
-    class StudySearchGenerator(SearchGenerator):
-        """Tune's SearchGenerator whose restored trial counter and concurrency slots follow the trials Tune
-        restores (the snapshot on storage), not the saved searcher state.
-
-        Tune uploads a snapshot's files one by one; a driver killed during the upload can leave a newer
-        searcher state beside an older trial list, whose counter then already counts the trials Tune
-        forgot: the resumed sweep would end short of ``num_samples``, or wait for concurrency slots held by
-        trials that never finish. After Tune's restore, the counter is the number of trials restored and the
-        :class:`~ray.tune.search.ConcurrencyLimiter` keeps only restored trials as live.
-        """
-
-        def restore_from_dir(self, dirpath: str) -> None:
-            super().restore_from_dir(dirpath)
-            searcher, limiter = self.searcher, None
-            while hasattr(searcher, "searcher"):
-                limiter = searcher if isinstance(searcher, ConcurrencyLimiter) else limiter
-                searcher = searcher.searcher
-            listed = getattr(searcher, "_restored_listing", None)
-            if listed is None:
-                return
-            self._counter = len(listed)
-            if limiter is not None:
-                limiter.live_trials = {t for t in limiter.live_trials if t in listed}
-                limiter.num_unfinished_live_trials = len(limiter.live_trials)
+    class StudySearchGenerator(_GeneratorMethods, SearchGenerator):
+        __doc__ = _GeneratorMethods.__doc__
 
 
 def _keep_current_study(searcher, study, storage) -> None:

@@ -139,9 +139,10 @@ def results_on_disk(experiment) -> int:
     return total
 
 
-def kill_after_results(child, experiment, k: int, *, timeout: float = 300) -> None:
-    """SIGKILL the driver ``child`` as soon as its trials have written ``k`` reports (independent of when
-    Tune snapshots); fails the test when the driver ends first or takes longer than ``timeout``."""
+def kill_after_results(child, experiment, k: int, *, timeout: float = 300, then_wait: float = 0.0) -> None:
+    """SIGKILL the driver ``child`` ``then_wait`` seconds after its trials have written ``k`` reports
+    (independent of when Tune snapshots); fails the test when the driver ends first or takes longer than
+    ``timeout``."""
     import signal
     import time
 
@@ -151,7 +152,9 @@ def kill_after_results(child, experiment, k: int, *, timeout: float = 300) -> No
             assert child.poll() is None, "the driver ended before it could be killed"
             assert time.monotonic() < deadline, f"the sweep did not write {k} reports in time"
             time.sleep(0.05)
-        child.send_signal(signal.SIGKILL)
+        time.sleep(then_wait)
+        if child.poll() is None:
+            child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
     finally:
         if child.poll() is None:

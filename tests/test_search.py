@@ -385,9 +385,9 @@ def test_a_finished_trial_is_told_only_once_the_snapshot_on_storage_lists_it(tmp
     """The study never holds a finished trial that the experiment snapshot on storage does not list.
 
     Plays Tune's calls by hand. Tune writes a snapshot to its staging folder (calling the searcher's
-    ``save``) and uploads it later; ``upload`` plays a finished upload. Trial a is on storage and is told
-    at once; b starts after that upload and finishes, and is held, also through a staging save whose upload
-    never lands; a driver killed now leaves a storage snapshot without b and a searcher state (the newer
+    ``save``) and uploads it later; ``upload`` plays a finished upload. Trials a and b finish and are held;
+    at the next save storage lists a, which is told; b started after that upload, and stays held through a
+    staging save whose upload never lands; a driver killed now leaves a storage snapshot without b and a searcher state (the newer
     one) that holds b: restore forgets b and marks it FAIL, and the generator's counter and concurrency
     slots count a alone. Had the driver lived, the next upload would have let b be told.
     """
@@ -419,14 +419,16 @@ def test_a_finished_trial_is_told_only_once_the_snapshot_on_storage_lists_it(tmp
     live = searcher(killed)
     live_generator = StudySearchGenerator(ConcurrencyLimiter(live, max_concurrent=2))
     live.suggest("a")
-    upload(killed, "a")
-    live.save(str(tmp_path / "staging1.pkl"))  # looks at storage: a is listed
+    live.save(str(tmp_path / "staging1.pkl"))
+    upload(killed, "a")  # the upload of that snapshot lands
     live.suggest("b")
-    live.on_trial_complete("a", {"val/best_objective": 0.5, "step": 100})  # on storage: told at once
-    live.on_trial_complete("b", {"val/best_objective": 0.7, "step": 30})  # not on storage: held
-    assert [t.state.name for t in _study(journal, "s").trials] == ["COMPLETE", "RUNNING"]
+    live.on_trial_complete("a", {"val/best_objective": 0.5, "step": 100})
+    live.on_trial_complete("b", {"val/best_objective": 0.7, "step": 30})
+    assert [t.state.name for t in _study(journal, "s").trials] == ["RUNNING", "RUNNING"]  # both held
     live.save(str(tmp_path / "staging2.pkl"))  # a staged snapshot lists b, but its upload never lands
-    assert [t.state.name for t in _study(journal, "s").trials] == ["COMPLETE", "RUNNING"]
+    assert [t.state.name for t in _study(journal, "s").trials] == ["COMPLETE", "RUNNING"]  # a: on storage
+    live.on_trial_complete("a", {"val/best_objective": 0.1, "step": 100})  # told once: a retry changes nothing
+    assert _study(journal, "s").trials[0].value == 0.5
     live_generator._counter, live_generator.searcher.live_trials = 2, {"b"}  # as Tune left them
     (tmp_path / "staging").mkdir()
     live_generator.save_to_dir(str(tmp_path / "staging"), session_str="x")
