@@ -27,9 +27,10 @@ Decisions, written once here:
   0.456 for two passes (450 steps), one seed on bench_scale's data, with a third less head time (155 vs
   235 s under load average 25). Below about 150k rows both settings give the ``head_steps`` floor (300
   steps), so smaller data keep the head they had.
-- **Cheap steps: a closed-form gradient, fused Adam, bfloat16 products.** Each step computes the
+- **Cheap steps: a closed-form gradient, Adam written out, bfloat16 products.** Each step computes the
   cross-entropy gradient in closed form, ((softmax - one-hot) / B)ᵀ x_B and its column sums, instead of
-  autograd, and updates with torch's fused Adam; on a CPU with native bfloat16 (AVX512-BF16 or AMX) the two
+  autograd, and applies torch's Adam update written out (:class:`_Adam`: a ``torch.optim`` optimizer
+  imports ``torch._dynamo``, 2 s); on a CPU with native bfloat16 (AVX512-BF16 or AMX) the two
   (B, d) x (d, K) products of a minibatch fit run in bfloat16 (float32 accumulation; softmax, gradient
   and parameters stay float32) when the head has at least :data:`BFLOAT16_MIN_WEIGHTS` weights, below
   which they were no faster. At ImageNet-LT shape, one thread, load average 1.5-2, in one process (a
@@ -141,16 +142,15 @@ def fit_erm_head(
         weight = torch.zeros(n_classes, d, device=device)  # (K, d) float32: the parameters Adam updates
         bias = torch.zeros(n_classes, device=device)  # (K,)
         weight.grad, bias.grad = torch.zeros_like(weight), torch.zeros_like(bias)
-        optimizer = torch.optim.Adam([weight, bias], lr=lr, weight_decay=weight_decay,
-                                     **({"fused": True} if _fused_adam(device) else {}))
+        adam = _Adam([weight, bias], weight_decay=weight_decay)
         order, position = None, n
         bar = progress_bar(range(total), desc="fitting the ERM head", enabled=progress, unit="step")
         anneal_from = total if full else int(total * (1 - ANNEAL_FRACTION))
         xb_full = xt.to(compute) if full else None  # full batch: converted once
         for step in bar:
+            step_lr = lr
             if step >= anneal_from:  # minibatch noise: cosine decay to 0 over the last steps
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - anneal_from) / (total - anneal_from)))
+                step_lr = lr * 0.5 * (1 + math.cos(math.pi * (step - anneal_from) / (total - anneal_from)))
             if full:
                 xb, yb = xb_full, yt
             else:
@@ -160,7 +160,7 @@ def fit_erm_head(
                 position += batch
                 xb, yb = xt[index].to(compute), yt[index]
             _cross_entropy_gradient(xb, yb, weight, bias, compute)
-            optimizer.step()
+            adam.step(step_lr)
         bar.close()
     return (
         weight.cpu().numpy().astype(np.float32),
@@ -199,11 +199,27 @@ def matmul_dtype(device, *, full: bool, n_weights: int):
     return torch.bfloat16 if native else torch.float32
 
 
-def _fused_adam(device) -> bool:
-    """torch's fused Adam (one kernel for every parameter update) where this torch has it for ``device``."""
-    import torch
+class _Adam:
+    """Adam with L2 weight decay, the update of ``torch.optim.Adam`` (betas 0.9, 0.999, eps 1e-8), on
+    tensors whose ``.grad`` the caller fills. Written out because constructing a ``torch.optim`` optimizer
+    imports ``torch._dynamo`` (2 s on this machine, half of the whole fit at ImageNet-LT shape)."""
 
-    return torch.device(device).type in ("cpu", "cuda") and tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 4)
+    def __init__(self, params, *, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        import torch
+
+        self.params, self.weight_decay, self.betas, self.eps, self.t = list(params), weight_decay, betas, eps, 0
+        self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
+
+    def step(self, lr: float) -> None:
+        self.t += 1
+        beta1, beta2 = self.betas
+        correction1, correction2_sqrt = 1 - beta1 ** self.t, (1 - beta2 ** self.t) ** 0.5
+        for param, (mean, square) in zip(self.params, self.moments):
+            grad = param.grad.add_(param, alpha=self.weight_decay) if self.weight_decay else param.grad
+            mean.lerp_(grad, 1 - beta1)
+            square.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denominator = square.sqrt().div_(correction2_sqrt).add_(self.eps)
+            param.addcdiv_(mean, denominator, value=-lr / correction1)
 
 
 def head_problems(weight, bias, *, n_classes: int | None, dim: int | None, where: str) -> list[str]:
