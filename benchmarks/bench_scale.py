@@ -156,7 +156,7 @@ def child_cached(task: dict) -> dict:
     from selmix_ray.data import root_identity
 
     started = time.perf_counter()
-    root_identity("npz", task["npz"])  # the sha256 of the npz, part of every call's cache key
+    root_identity("npz", task["npz"])  # the checksum of the npz, part of every call's cache key
     return {"hit_s": hit, "import_s": imported, "cache_hit": fs.metadata["cache_hit"],
             "hash_s": time.perf_counter() - started}
 
@@ -338,7 +338,7 @@ def report(args, folder: Path) -> None:
     assert cached["cache_hit"] and hit.metadata["cache_hit"]
     print(f"cached load: {cached['hit_s'] * 1e3:.0f} ms in a fresh process (after {cached['import_s']:.1f} s of "
           f"imports), {in_process * 1e3:.0f} ms in this one; of which hashing the npz for the key "
-          f"(sha256) {cached['hash_s'] * 1e3:.0f} ms")
+          f"(xxh3-128) {cached['hash_s'] * 1e3:.0f} ms")
 
     if not args.skip_float16:
         build16 = run_child("build", {"npz": str(big), "cache": cache, "dtype": "float16",
