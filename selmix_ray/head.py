@@ -31,15 +31,17 @@ Decisions, written once here:
   cross-entropy gradient in closed form, ((softmax - one-hot) / B)ᵀ x_B and its column sums, instead of
   autograd, and applies torch's Adam update written out (:class:`_Adam`: a ``torch.optim`` optimizer
   imports ``torch._dynamo``, 2 s); on a CPU with native bfloat16 (AVX512-BF16 or AMX) the two
-  (B, d) x (d, K) products of a minibatch fit run in bfloat16 (float32 accumulation; softmax, gradient
+  (B, d) x (d, K) products of a minibatch fit run in bfloat16 (float32 accumulation, bfloat16 results; softmax, gradient
   and parameters stay float32) when the head has at least :data:`BFLOAT16_MIN_WEIGHTS` weights, below
-  which they were no faster. At ImageNet-LT shape, one thread, load average 1.5-2, in one process (a
-  probe on this machine; ``benchmarks/bench_scale.py`` times the build): 300 steps took 7.7 s with the former
-  autograd loop, 6.2 s in float32 and 2.5 s in bfloat16 (3.1x), with the same validation cross-entropy
+  which they were no faster. At ImageNet-LT shape, one thread, load average 1.2-2.3, in one process (a
+  probe on this machine; ``benchmarks/bench_scale.py`` times the build): 300 steps took 8.8-10.7 s with the
+  former autograd loop (its first call in a process, as in a build, includes 1.3-2 s of importing
+  ``torch._dynamo``), 6.1 s in float32 and 3.1-3.8 s in bfloat16 (2.8x), with the same validation cross-entropy
   3.158 and mean recall 0.466 to three digits. Over 3 seeds on K = 10 / K = 100 Gaussian clusters
   (7.4k / 7.2k rows), digits and mnist at rho = 1 (1040 and 3000 rows: minibatch fits) with pixels or CNN
-  features, the validation cross-entropy stayed within 0.0003 of the former fit's. Full-batch fits
-  (small data) keep float32 and give the former head.
+  features (float32 products: their heads are under 2^16 weights), the validation cross-entropy and
+  mean recall equalled the former fit's to four digits. Full-batch fits (the bundled data at their
+  default rho) keep float32 and give the former head.
 - **No closed-form warm start (tried, rejected).** A shrinkage-LDA start (class means, shared
   covariance, a temperature fitted on a held-out part of the training split, then Adam with early
   stopping on that part) gave validation cross-entropy 5.72 against 3.16 at ImageNet-LT shape (mean recall
