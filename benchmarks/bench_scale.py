@@ -93,7 +93,12 @@ def child_build(task: dict) -> dict:
     fs = build_features("npz", rho=None, backbone="identity", root=task["npz"], cache_dir=task["cache"],
                         dtype=task["dtype"], progress=task.get("progress", False), **task.get("opts", {}))
     total = time.perf_counter() - started
+    from selmix_ray.head import matmul_dtype
+
+    products = matmul_dtype("cpu", full=len(fs.train) <= fs.metadata["build_args"]["opts"].get("head_batch_size", 1024),
+                            n_weights=fs.n_classes * fs.dim)
     out = {"total_s": total, "timings": fs.metadata["timings"], "cache_hit": fs.metadata["cache_hit"],
+           "head_products": str(products).replace("torch.", ""),
            "head_source": fs.metadata["head_source"], "peak_rss_mb": peak_rss_mb(), "cache_path": fs.metadata["cache_path"]}
     if task.get("save_head"):
         np.savez(task["save_head"], weight=fs.weight, bias=fs.bias)
@@ -243,7 +248,8 @@ def print_build(label: str, r: dict) -> None:
              f"split+convert {t.get('load_s', 0) - t.get('read_s', 0) - t.get('validate_s', 0) + t.get('extract_s', 0):.1f} s",
              f"finite check {t.get('check_s', 0):.1f} s", f"ERM head {t.get('head_s', 0):.1f} s",
              f"cache write {t.get('write_s', 0):.1f} s"]
-    print(f"{label}: {r['total_s']:.1f} s ({', '.join(parts)}); head {r['head_source']}; "
+    products = f" ({r['head_products']} products on the CPU)" if r["head_source"] == "erm" else ""
+    print(f"{label}: {r['total_s']:.1f} s ({', '.join(parts)}); head {r['head_source']}{products}; "
           f"peak memory {r['peak_rss_mb']:.0f} MB")
 
 
