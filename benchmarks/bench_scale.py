@@ -15,8 +15,9 @@ It prints:
   is fitted): total time and its parts (read, validate, ERM head fit, cache write), in a child process so
   that its peak memory (ru_maxrss) is its own; target: <= 2 minutes on 2 cores, dominated by I/O; and, in
   the same child, a few steps of the former full-batch fit timed on the same rows (the ratio holds on a
-  shared machine where the absolute times do not); ``--head-epochs 1`` also builds with other
-  ``head_epochs`` and prints each head's validation cross-entropy and recalls beside the default's;
+  shared machine where the absolute times do not); ``--head-epochs 1`` (``--head-steps 0``) also builds
+  with other ``head_epochs`` (``head_steps``; 0: one pass) and prints each head's validation cross-entropy
+  and recalls beside the default's;
 - the cached load in a fresh process (a cache hit: memory-mapped, nothing read) and in this one;
 - one trial of head-only SelMix (``--steps 200 --eval-every 100 --posthoc class_weights`` by default) at
   K = 100 and at K = 1000, each in a child process: wall time and time per part (gain refresh, pair
@@ -275,6 +276,8 @@ def main() -> None:
                                                                  "the ratio (default 2; 0 skips)")
     parser.add_argument("--head-epochs", type=float, nargs="*", default=[],
                         help="also build with these head_epochs (other caches) and compare the head's quality")
+    parser.add_argument("--head-steps", type=int, nargs="*", default=[],
+                        help="also build with these head_steps (0: one pass at scale) and compare the head's quality")
     parser.add_argument("--small-classes", type=int, default=100, help="K of the second trial (default 100)")
     parser.add_argument("--steps", type=int, default=200, help="trial steps (default 200)")
     parser.add_argument("--eval-every", type=int, default=100, help="trial eval_every (default 100)")
@@ -330,11 +333,12 @@ def report(args, folder: Path) -> None:
               f"= {old:.0f} s; the minibatch fit took {build['timings']['head_s']:.1f} s "
               f"(ratio {old / build['timings']['head_s']:.1f})")
     print_quality("starting head (default head_epochs)", build["quality"])
-    for epochs in args.head_epochs:
-        other = run_child("build", {"npz": str(big), "cache": str(folder / f"cache_e{epochs}"), "dtype": "float32",
-                                    "quality": True, "opts": {"head_epochs": epochs}}, timeout=timeout)
-        print_build(f"cold build, head_epochs {epochs}", other)
-        print_quality(f"starting head (head_epochs {epochs})", other["quality"])
+    others = [("head_epochs", e) for e in args.head_epochs] + [("head_steps", n) for n in args.head_steps]
+    for option, value in others:
+        other = run_child("build", {"npz": str(big), "cache": str(folder / f"cache_{option}{value}"), "dtype": "float32",
+                                    "quality": True, "opts": {option: value}}, timeout=timeout)
+        print_build(f"cold build, {option} {value}", other)
+        print_quality(f"starting head ({option} {value})", other["quality"])
     cached = run_child("cached", {"npz": str(big), "cache": cache, "dtype": "float32"}, timeout=timeout)
     from selmix_ray.features import build_features
 
