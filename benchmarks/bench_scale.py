@@ -15,8 +15,9 @@ It prints:
   is fitted): total time and its parts (read, validate, ERM head fit, cache write), in a child process so
   that its peak memory (ru_maxrss) is its own; target: <= 2 minutes on 2 cores, dominated by I/O; and, in
   the same child, a few steps of the former full-batch fit timed on the same rows (the ratio holds on a
-  shared machine where the absolute times do not); ``--head-epochs 1`` also builds with other
-  ``head_epochs`` and prints each head's validation cross-entropy and recalls beside the default's;
+  shared machine where the absolute times do not); ``--head-epochs 1`` (``--head-steps 0``) also builds
+  with other ``head_epochs`` (``head_steps``; 0: one pass) and prints each head's validation cross-entropy
+  and recalls beside the default's;
 - the cached load in a fresh process (a cache hit: memory-mapped, nothing read) and in this one;
 - one trial of head-only SelMix (``--steps 200 --eval-every 100 --posthoc class_weights`` by default) at
   K = 100 and at K = 1000, each in a child process: wall time and time per part (gain refresh, pair
@@ -93,7 +94,12 @@ def child_build(task: dict) -> dict:
     fs = build_features("npz", rho=None, backbone="identity", root=task["npz"], cache_dir=task["cache"],
                         dtype=task["dtype"], progress=task.get("progress", False), **task.get("opts", {}))
     total = time.perf_counter() - started
+    from selmix_ray.head import matmul_dtype
+
+    products = matmul_dtype("cpu", full=len(fs.train) <= fs.metadata["build_args"]["opts"].get("head_batch_size", 1024),
+                            n_weights=fs.n_classes * fs.dim)
     out = {"total_s": total, "timings": fs.metadata["timings"], "cache_hit": fs.metadata["cache_hit"],
+           "head_products": str(products).replace("torch.", ""),
            "head_source": fs.metadata["head_source"], "peak_rss_mb": peak_rss_mb(), "cache_path": fs.metadata["cache_path"]}
     if task.get("save_head"):
         np.savez(task["save_head"], weight=fs.weight, bias=fs.bias)
@@ -156,7 +162,7 @@ def child_cached(task: dict) -> dict:
     from selmix_ray.data import root_identity
 
     started = time.perf_counter()
-    root_identity("npz", task["npz"])  # the sha256 of the npz, part of every call's cache key
+    root_identity("npz", task["npz"])  # the checksum of the npz, part of every call's cache key
     return {"hit_s": hit, "import_s": imported, "cache_hit": fs.metadata["cache_hit"],
             "hash_s": time.perf_counter() - started}
 
@@ -243,7 +249,8 @@ def print_build(label: str, r: dict) -> None:
              f"split+convert {t.get('load_s', 0) - t.get('read_s', 0) - t.get('validate_s', 0) + t.get('extract_s', 0):.1f} s",
              f"finite check {t.get('check_s', 0):.1f} s", f"ERM head {t.get('head_s', 0):.1f} s",
              f"cache write {t.get('write_s', 0):.1f} s"]
-    print(f"{label}: {r['total_s']:.1f} s ({', '.join(parts)}); head {r['head_source']}; "
+    products = f" ({r['head_products']} products on the CPU)" if r["head_source"] == "erm" else ""
+    print(f"{label}: {r['total_s']:.1f} s ({', '.join(parts)}); head {r['head_source']}{products}; "
           f"peak memory {r['peak_rss_mb']:.0f} MB")
 
 
@@ -269,6 +276,8 @@ def main() -> None:
                                                                  "the ratio (default 2; 0 skips)")
     parser.add_argument("--head-epochs", type=float, nargs="*", default=[],
                         help="also build with these head_epochs (other caches) and compare the head's quality")
+    parser.add_argument("--head-steps", type=int, nargs="*", default=[],
+                        help="also build with these head_steps (0: one pass at scale) and compare the head's quality")
     parser.add_argument("--small-classes", type=int, default=100, help="K of the second trial (default 100)")
     parser.add_argument("--steps", type=int, default=200, help="trial steps (default 200)")
     parser.add_argument("--eval-every", type=int, default=100, help="trial eval_every (default 100)")
@@ -324,11 +333,12 @@ def report(args, folder: Path) -> None:
               f"= {old:.0f} s; the minibatch fit took {build['timings']['head_s']:.1f} s "
               f"(ratio {old / build['timings']['head_s']:.1f})")
     print_quality("starting head (default head_epochs)", build["quality"])
-    for epochs in args.head_epochs:
-        other = run_child("build", {"npz": str(big), "cache": str(folder / f"cache_e{epochs}"), "dtype": "float32",
-                                    "quality": True, "opts": {"head_epochs": epochs}}, timeout=timeout)
-        print_build(f"cold build, head_epochs {epochs}", other)
-        print_quality(f"starting head (head_epochs {epochs})", other["quality"])
+    others = [("head_epochs", e) for e in args.head_epochs] + [("head_steps", n) for n in args.head_steps]
+    for option, value in others:
+        other = run_child("build", {"npz": str(big), "cache": str(folder / f"cache_{option}{value}"), "dtype": "float32",
+                                    "quality": True, "opts": {option: value}}, timeout=timeout)
+        print_build(f"cold build, {option} {value}", other)
+        print_quality(f"starting head ({option} {value})", other["quality"])
     cached = run_child("cached", {"npz": str(big), "cache": cache, "dtype": "float32"}, timeout=timeout)
     from selmix_ray.features import build_features
 
@@ -338,7 +348,7 @@ def report(args, folder: Path) -> None:
     assert cached["cache_hit"] and hit.metadata["cache_hit"]
     print(f"cached load: {cached['hit_s'] * 1e3:.0f} ms in a fresh process (after {cached['import_s']:.1f} s of "
           f"imports), {in_process * 1e3:.0f} ms in this one; of which hashing the npz for the key "
-          f"(sha256) {cached['hash_s'] * 1e3:.0f} ms")
+          f"(xxh3-128) {cached['hash_s'] * 1e3:.0f} ms")
 
     if not args.skip_float16:
         build16 = run_child("build", {"npz": str(big), "cache": cache, "dtype": "float16",

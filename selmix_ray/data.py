@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import file_sha256
+from .cache import DIGEST, file_digest, file_sha256
 from .errors import DataError
 from .npz import NPZ_SPLITS, read_npz
 
@@ -293,8 +293,8 @@ def load_dataset(name: str, *, root=None, image_size: int | None = None, downloa
 def root_identity(name: str, root=None) -> dict:
     """What identifies a source's files, cheaply (no pixel is read): path, names, sizes, mtimes.
 
-    ``npz`` files are hashed (sha256) since they are the data; bundled sources hash their file or name
-    the package version.
+    ``npz`` files are hashed (xxh3-128, :func:`selmix_ray.cache.file_digest`) since they are the data;
+    bundled sources hash their file (sha256) or name the package version.
     """
     if name == "digits":
         from importlib.metadata import version
@@ -306,7 +306,7 @@ def root_identity(name: str, root=None) -> dict:
         return {"root": None}
     path = Path(root).expanduser().resolve()
     if name == "npz":
-        return {"root": str(path), "sha256": file_sha256(path) if path.is_file() else None}
+        return {"root": str(path), DIGEST: file_digest(path) if path.is_file() else None}
     if name in CIFAR_FOLDERS and path.name != CIFAR_FOLDERS[name]:
         path = path / CIFAR_FOLDERS[name]
     entries = []

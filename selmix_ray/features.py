@@ -91,7 +91,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "batch_size": 256,  # extraction batch size
     "num_threads": "auto",  # torch CPU threads; "auto": 1 for the small CNN and the ERM head fit on CPU, else unchanged
     "progress": True,  # progress bars (tqdm on a terminal, else log lines: progress.bar)
-    "verify": False,  # on a cache hit, also check every file's sha256 (sizes are always checked)
+    "verify": False,  # on a cache hit, also check every file's checksum (sizes are always checked)
 }
 _CNN_OPTIONS = ("epochs", "lr", "weight_decay", "width", "feature_dim", "train_batch_size", "augment")
 
@@ -194,7 +194,7 @@ def cache_key_fields(dataset: str, *, rho, backbone: str, seed: int, options: di
     Dataset name and root identity, split sizes (dataset defaults filled in), seed, rho, the unlabeled
     parameters, the backbone spec (name, checkpoint sha256, the CNN's training settings), the cut
     point, keep_maps, the transform, the storage dtypes and the starting head (a user head file's sha256, or
-    the ERM fit's algorithm and settings; a head stored in an npz is covered by the file's sha256).
+    the ERM fit's algorithm and settings; a head stored in an npz is covered by the file's checksum).
     """
     defaults = DATASET_DEFAULTS.get(dataset, {})
     sizes = {k: options[k] if options[k] is not None else defaults.get(k) for k in ("n_val", "n_test", "n_max")}

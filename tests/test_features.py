@@ -166,8 +166,26 @@ def test_flipped_byte_caught_by_verify(digits_identity, tmp_path):
     raw = bytearray(path.read_bytes())
     raw[-200] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(DataError, match="sha256"):
+    with pytest.raises(DataError, match=r"val.arrow fails its xxh3_128 check"):
         load_cached(path.parent, verify=True)
+
+
+def test_manifest_of_the_former_format_is_verified_with_sha256(digits_identity, tmp_path):
+    """An entry written before xxh3-128 (manifest checksums named sha256) still loads and verifies."""
+    from selmix_ray.cache import file_sha256
+
+    entry = tmp_path / digits_identity.key
+    manifest = json.loads((entry / "manifest.json").read_text())
+    assert all(set(facts) == {"bytes", "xxh3_128"} for facts in manifest["files"].values())
+    manifest["files"] = {name: {"bytes": facts["bytes"], "sha256": file_sha256(entry / name)}
+                         for name, facts in manifest["files"].items()}
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    np.testing.assert_array_equal(load_cached(entry, verify=True).val.x, digits_identity.val.x)
+    raw = bytearray((entry / "val.arrow").read_bytes())
+    raw[-200] ^= 0xFF
+    (entry / "val.arrow").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="val.arrow fails its sha256 check"):
+        load_cached(entry, verify=True)
 
 
 def test_unlabeled_pool_and_float16(tmp_path):
@@ -274,6 +292,28 @@ def test_user_factory_and_cache_hit_without_calling_it(tmp_path, monkeypatch):
     assert my_backbones.calls == [10] and hit.metadata["cache_hit"]
     with pytest.raises(RuntimeError, match="the backbone ran"):
         build_features("digits", rho=5, backbone="my_backbones:broken", cache_dir=cache, **QUIET)
+
+
+def test_npz_key_follows_every_byte_not_size_or_mtime(tmp_path):
+    """One flipped byte of one array, same size, same mtime: another key (a miss), and the cached arrays
+    of each file are that file's. Neither a stat-based key nor a sampled hash would see it."""
+    rng = np.random.default_rng(2)
+    arrays = {f"x_{s}": rng.normal(size=(n, 3)).astype(np.float32) for s, n in [("train", 12), ("val", 4), ("test", 4)]}
+    arrays |= {f"y_{s}": np.arange(n) % 2 for s, n in [("train", 12), ("val", 4), ("test", 4)]}
+    path = tmp_path / "f.npz"
+    np.savez(path, **arrays)
+    first = build_features("npz", rho=None, root=path, cache_dir=tmp_path / "c", head_steps=5, **QUIET)
+    stat = path.stat()
+    changed = dict(arrays, x_test=arrays["x_test"].copy())
+    changed["x_test"].reshape(-1).view(np.uint8)[5] ^= 0x01  # one bit of one byte of one value
+    np.savez(path, **changed)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    second = build_features("npz", rho=None, root=path, cache_dir=tmp_path / "c", head_steps=5, **QUIET)
+    assert second.key != first.key and second.metadata["cache_hit"] is False
+    np.testing.assert_array_equal(second.test.x, changed["x_test"])
+    assert not np.array_equal(second.test.x, first.test.x)
+    assert data.root_identity("npz", path)["xxh3_128"] == second.metadata["key_fields"]["root"]["xxh3_128"]
 
 
 def test_npz_precomputed(tmp_path):
