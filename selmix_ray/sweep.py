@@ -31,9 +31,9 @@ and adds what plain Ray Tune lacks:
 - Tune keeps every checkpoint (``num_to_keep=None``): with a limit, Tune deletes a trial's older
   checkpoints while the experiment snapshot on storage still lists them, and a driver killed in that
   window leaves a snapshot whose trial cannot be restored ("does not exist on storage anymore"; about 1
-  resume in 5 on a cluster that outlived its driver). ``resume`` removes, at its end and under the lock,
-  the checkpoints that no longer appear in the final snapshot (those a killed driver wrote after its last
-  snapshot): nothing restores from them, and ``results`` would read them as a trial's newest;
+  resume in 5 on a cluster that outlived its driver). ``resume`` moves to ``orphaned_trials/``, at its end and
+  under the lock, the checkpoints that no longer appear in the final snapshot (those a killed driver wrote
+  after its last snapshot): nothing restores from them, and ``results`` would read them as a trial's newest;
 - a Ray that ``search``/``resume`` initialised themselves is shut down when they return (a local one
   stops; a cluster reached through ``address`` is only disconnected); one the caller initialised is left
   as it is.
@@ -236,7 +236,7 @@ def _resume_locked(location, manifest, lock, *, features, address, space, connec
         # Again at the end: on a cluster that outlived the killed driver (address=..., or the test suite's),
         # Tune's final sync copies that driver's staged params.json/result.json of its orphans back.
         _set_aside_orphan_trial_folders(location, lock, when="synced back at the end of the resumed run")
-        _remove_unlisted_checkpoints(location, lock)
+        _set_aside_unlisted_checkpoints(location, lock)
         if _listed_trials(location) < listed:
             raise ExperimentError(f"Resuming {location.path} restored fewer trials than its snapshot listed "
                                   f"({_listed_trials(location)} of {listed}); its files are damaged.")
@@ -541,18 +541,19 @@ def _listed_trials(location) -> int:
     return 0
 
 
-def _remove_unlisted_checkpoints(location, lock) -> list[str]:
-    """Delete the checkpoint folders of listed trials that the newest snapshot does not mention.
+def _set_aside_unlisted_checkpoints(location, lock) -> list[str]:
+    """Move the checkpoint folders of listed trials that the newest snapshot does not mention into
+    ``orphaned_trials/<trial folder>/``; returns their "trial/checkpoint" names. Nothing is deleted.
 
     Called at the end of a resume whose ``tuner.fit()`` returned: Tune has written its final snapshot, and
     with ``num_to_keep=None`` that snapshot mentions every checkpoint a trial registered since it started
     (its checkpoint manager was restored from the previous snapshot and only grew). A checkpoint folder it
     does not mention was written by a killed driver after its last snapshot: Tune never restores from it,
     and ``results`` would take it for the trial's newest. ``lock`` held: no other driver is writing
-    checkpoints. Nothing is deleted when the newest snapshot cannot be read. Returns "trial/checkpoint" names.
+    checkpoints. Nothing moves when the newest snapshot cannot be read.
     """
     if not lock.held:
-        raise RuntimeError("checkpoints are removed only under the experiment's lock")
+        raise RuntimeError("checkpoints are set aside only under the experiment's lock")
     snapshots = experiment_state_files(location.listdir())
     if not snapshots:
         return []
@@ -560,18 +561,22 @@ def _remove_unlisted_checkpoints(location, lock) -> list[str]:
         mentioned = snapshot_checkpoints(location.read_bytes(snapshots[-1]))
     except (OSError, ValueError):
         return []
-    removed = []
+    moved = []
     for folder, names in mentioned.items():
         if not location.exists(folder):
             continue
         for entry in Location(location.path, folder).listdir():
             if entry.startswith("checkpoint_") and entry not in names:
-                location.remove_dir(f"{folder}/{entry}")
-                removed.append(f"{folder}/{entry}")
-    if removed:
-        log(f"removed {len(removed)} checkpoint(s) that Tune's final snapshot does not list (written by a killed "
-            "driver after its last snapshot)")
-    return removed
+                target, copy = f"{ORPHANS_DIR}/{folder}/{entry}", 0
+                while location.exists(target):
+                    copy += 1
+                    target = f"{ORPHANS_DIR}/{folder}/{entry}.{copy}"
+                location.move_dir(f"{folder}/{entry}", target)
+                moved.append(f"{folder}/{entry}")
+    if moved:
+        log(f"set aside {len(moved)} checkpoint(s) that Tune's final snapshot does not list (written by a killed "
+            f"driver after its last snapshot) in {ORPHANS_DIR}/")
+    return moved
 
 
 def _fit(tuner, location, journal: Path) -> None:

@@ -358,6 +358,31 @@ def test_resume_sets_aside_trial_folders_the_last_snapshot_does_not_list(tmp_pat
     assert (experiment / "run_trial_orphan_2").is_dir()
 
 
+def test_resume_sets_aside_checkpoints_the_final_snapshot_does_not_mention(tmp_path):
+    import importlib
+
+    from selmix_ray.constants import ORPHANS_DIR
+    from selmix_ray.ownership import ExperimentLock
+    from selmix_ray.storage import Location
+
+    sweep = importlib.import_module("selmix_ray.sweep")
+    experiment = tmp_path / "exp"
+    for name in ("checkpoint_000000", "checkpoint_000001"):
+        (experiment / "run_a" / name).mkdir(parents=True)
+        (experiment / "run_a" / name / "state").write_text(name)
+    runtime = json.dumps({"checkpoint_manager": "... checkpoint_000000 ..."})  # Tune restores from 000000 only
+    (experiment / "experiment_state-2026-01-01_00-00-10.json").write_text(
+        json.dumps({"trial_data": [[json.dumps({"trial_id": "a", "relative_logdir": "run_a"}), runtime]]}))
+    location = Location.of_experiment(experiment)
+    lock = ExperimentLock(location, "resume")
+    with pytest.raises(RuntimeError, match="only under the experiment's lock"):
+        sweep._set_aside_unlisted_checkpoints(location, lock)
+    with lock:
+        assert sweep._set_aside_unlisted_checkpoints(location, lock) == ["run_a/checkpoint_000001"]
+    assert sorted(p.name for p in (experiment / "run_a").iterdir()) == ["checkpoint_000000"]
+    assert (experiment / ORPHANS_DIR / "run_a" / "checkpoint_000001" / "state").read_text() == "checkpoint_000001"
+
+
 def test_nsga2_sampler_pickles_and_keeps_sampling_after_a_round_trip():
     """Tune pickles the searcher into its experiment state; Optuna 5.1's NSGAIISampler holds a lock."""
     import pickle
