@@ -12,14 +12,11 @@ and adds what plain Ray Tune lacks:
   is COMPLETE, one that failed for good is FAIL;
 - ASHA's state is written to ``scheduler_state.pkl`` at each experiment snapshot and restored by
   ``resume`` (Tune restores trials and the searcher, not the scheduler);
-- a finished trial is told to Optuna only once the experiment snapshot on storage lists it (Tune uploads
-  snapshots asynchronously, after writing them to the driver's staging folder); on resume, Optuna trials
-  that the restored snapshot does not list (a killed driver started them after its last snapshot reached
-  storage) are marked FAIL, none stays RUNNING, Tune's trial counter is the number of restored trials,
-  and the searcher proposes replacements: the study ends with exactly ``num_samples`` COMPLETE + PRUNED
-  (``tune_adapter.StudySearch``, ``StudySearchGenerator``). The folders such trials left (Tune never
-  resumes them) are moved to ``orphaned_trials/``, never deleted, so ``results`` sees exactly the
-  ``num_samples`` Tune trials and no finished work is lost;
+- a finished trial is told to Optuna only once Tune's snapshot on storage lists it; on resume, Optuna
+  trials that the restored snapshot does not list (started by a killed driver after its last snapshot
+  reached storage) are marked FAIL and replaced (``tune_adapter.StudySearch``, ``StudySearchGenerator``),
+  so the study ends with exactly ``num_samples`` COMPLETE + PRUNED; the folders they left are moved to
+  ``orphaned_trials/`` (never deleted), so ``results`` sees exactly the ``num_samples`` Tune trials;
 - the baselines (starting head, erm, uniform mixup, post-hoc corrections of the starting head) are
   computed on the driver before any trial, cached per feature key, and written to ``baselines.json``;
 - ``selmix_run.json`` records the space, objective(s), feature key and build arguments, the per-class
@@ -64,10 +61,11 @@ from typing import Any
 from .baselines import compute_baselines
 from .checks import int_problem, is_number
 from .cluster import check_resources, init_ray, shutdown_ray
-from .constants import BASELINES_FILE, JOURNAL_FILE, MANIFEST_FILE, MAX_FAILURES, ORPHANS_DIR, STEP_KEY
+from .constants import BASELINES_FILE, JOURNAL_FILE, MANIFEST_FILE, MAX_FAILURES, STEP_KEY
 from .errors import ConfigError, ExperimentError
 from .journal import check_journal
 from .manifest import build_manifest, read_manifest, space_differences
+from .orphans import listed_trials, set_aside_orphan_trial_folders, set_aside_unlisted_checkpoints
 from .ownership import ExperimentLock
 from .progress import ProgressCallback, log
 from .storage import Location, journal_storage, json_bytes, local_journal
@@ -77,10 +75,7 @@ from .tune_adapter import (
     StudySearch,
     StudySearchGenerator,
     damaged_snapshot_files,
-    experiment_state_files,
-    parse_experiment_state,
     quiet_snapshot_warning,
-    snapshot_checkpoints,
     use_current_objects,
 )
 
@@ -222,12 +217,12 @@ def _resume_locked(location, manifest, lock, *, features, address, space, connec
             "driver was killed while Tune was writing them), so Tune would restore no trial. The finished "
             "trials stay readable (compare, load_run); start the sweep again with search() under a new name.")
     journal = local_journal(location, restore=True)
-    listed = _listed_trials(location)
+    listed = listed_trials(location)
     check_journal(journal, study_name=manifest["name"], tune_trials=listed)  # before anything is written
     started_ray = init_ray(address, connect_timeout_s=connect_timeout_s)
     try:
         check_resources(manifest["resources_per_trial"], devices=[stored_space.fixed.get("device", "auto")])
-        _set_aside_orphan_trial_folders(location, lock)
+        set_aside_orphan_trial_folders(location, lock)
         tuner = tune.Tuner.restore(location.path, trainable=_trainable(features, stored_space, manifest, location),
                                    resume_unfinished=True, resume_errored=True)
         _use_this_place(tuner, stored_space, manifest, location, journal)
@@ -235,11 +230,11 @@ def _resume_locked(location, manifest, lock, *, features, address, space, connec
         _fit(tuner, location, journal)
         # Again at the end: on a cluster that outlived the killed driver (address=..., or the test suite's),
         # Tune's final sync copies that driver's staged params.json/result.json of its orphans back.
-        _set_aside_orphan_trial_folders(location, lock, when="synced back at the end of the resumed run")
-        _set_aside_unlisted_checkpoints(location, lock)
-        if _listed_trials(location) < listed:
+        set_aside_orphan_trial_folders(location, lock, when="synced back at the end of the resumed run")
+        set_aside_unlisted_checkpoints(location, lock)
+        if listed_trials(location) < listed:
             raise ExperimentError(f"Resuming {location.path} restored fewer trials than its snapshot listed "
-                                  f"({_listed_trials(location)} of {listed}); its files are damaged.")
+                                  f"({listed_trials(location)} of {listed}); its files are damaged.")
     finally:
         shutdown_ray(started_ray)
     return _load_run(location, verdict=True)
@@ -486,97 +481,6 @@ def _asha_rungs(*, steps: int, eval_every: int) -> list[int]:
         rungs.append(grace)
         grace *= ASHA_REDUCTION_FACTOR
     return rungs
-
-
-def _set_aside_orphan_trial_folders(location, lock, *, when: str = "started after the last snapshot") -> list[str]:
-    """Move the trial folders that the newest experiment snapshot does not list into ``orphaned_trials/``;
-    returns their names. Nothing is deleted: a killed driver's orphan may hold finished work.
-
-    A driver killed after starting a trial but before a snapshot listing it reached storage leaves that
-    trial's folder (params.json, maybe results and checkpoints); Tune does not know the trial and never
-    continues it, and its Optuna trial is marked FAIL (``StudySearch.reconcile``), so the searcher proposes
-    a replacement. Left in place, ``results`` would count it as one of the experiment's trials. Where the
-    Ray cluster outlives that driver, its staged files of those trials are still on the node, and the
-    resumed run's final sync writes them back into the experiment: ``resume`` therefore calls this before
-    and after the run (a second copy is kept as ``<name>.1``, and so on). Nothing moves when no snapshot can
-    be read.
-
-    Safe because ``lock`` (the experiment's :class:`~selmix_ray.ownership.ExperimentLock`) is held: no other
-    driver is alive that could be running such a trial or be about to snapshot it, so a folder with a
-    ``params.json`` that the newest readable snapshot does not list belongs to a driver that died (the
-    snapshot Tune restores from is that newest one, and Tune never continues a trial it does not list).
-    """
-    if not lock.held:
-        raise RuntimeError("trial folders are set aside only under the experiment's lock")
-    names = location.listdir()
-    snapshots = experiment_state_files(names)
-    if not snapshots:
-        return []
-    try:
-        known = {trial.relative_logdir for trial in parse_experiment_state(location.read_bytes(snapshots[-1]))}
-    except (OSError, ValueError):
-        return []
-    if None in known:  # a record without its folder name: nothing can be told apart safely
-        return []
-    orphans = [n for n in names if n not in known and n != ORPHANS_DIR and location.exists(f"{n}/params.json")]
-    for name in orphans:
-        target, copy = f"{ORPHANS_DIR}/{name}", 0
-        while location.exists(target):
-            copy += 1
-            target = f"{ORPHANS_DIR}/{name}.{copy}"
-        location.move_dir(name, target)
-    if orphans:
-        log(f"set aside {len(orphans)} trial folder(s) unknown to Tune ({when}) in {ORPHANS_DIR}/: "
-            f"{', '.join(orphans)}")
-    return orphans
-
-
-def _listed_trials(location) -> int:
-    """How many trials the newest readable experiment snapshot lists (0: none readable)."""
-    for name in reversed(experiment_state_files(location.listdir())):
-        try:
-            return len(parse_experiment_state(location.read_bytes(name)))
-        except (OSError, ValueError):
-            continue
-    return 0
-
-
-def _set_aside_unlisted_checkpoints(location, lock) -> list[str]:
-    """Move the checkpoint folders of listed trials that the newest snapshot does not mention into
-    ``orphaned_trials/<trial folder>/``; returns their "trial/checkpoint" names. Nothing is deleted.
-
-    Called at the end of a resume whose ``tuner.fit()`` returned: Tune has written its final snapshot, and
-    with ``num_to_keep=None`` that snapshot mentions every checkpoint a trial registered since it started
-    (its checkpoint manager was restored from the previous snapshot and only grew). A checkpoint folder it
-    does not mention was written by a killed driver after its last snapshot: Tune never restores from it,
-    and ``results`` would take it for the trial's newest. ``lock`` held: no other driver is writing
-    checkpoints. Nothing moves when the newest snapshot cannot be read.
-    """
-    if not lock.held:
-        raise RuntimeError("checkpoints are set aside only under the experiment's lock")
-    snapshots = experiment_state_files(location.listdir())
-    if not snapshots:
-        return []
-    try:
-        mentioned = snapshot_checkpoints(location.read_bytes(snapshots[-1]))
-    except (OSError, ValueError):
-        return []
-    moved = []
-    for folder, names in mentioned.items():
-        if not location.exists(folder):
-            continue
-        for entry in Location(location.path, folder).listdir():
-            if entry.startswith("checkpoint_") and entry not in names:
-                target, copy = f"{ORPHANS_DIR}/{folder}/{entry}", 0
-                while location.exists(target):
-                    copy += 1
-                    target = f"{ORPHANS_DIR}/{folder}/{entry}.{copy}"
-                location.move_dir(f"{folder}/{entry}", target)
-                moved.append(f"{folder}/{entry}")
-    if moved:
-        log(f"set aside {len(moved)} checkpoint(s) that Tune's final snapshot does not list (written by a killed "
-            f"driver after its last snapshot) in {ORPHANS_DIR}/")
-    return moved
 
 
 def _fit(tuner, location, journal: Path) -> None:

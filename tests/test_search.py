@@ -326,7 +326,7 @@ def test_resume_sets_aside_trial_folders_the_last_snapshot_does_not_list(tmp_pat
     from selmix_ray.ownership import ExperimentLock
     from selmix_ray.storage import Location
 
-    sweep = importlib.import_module("selmix_ray.sweep")
+    orphans = importlib.import_module("selmix_ray.orphans")
 
     experiment = tmp_path / "exp"
     for name in ("run_trial_known_1", "run_trial_orphan_2"):
@@ -341,10 +341,10 @@ def test_resume_sets_aside_trial_folders_the_last_snapshot_does_not_list(tmp_pat
         json.dumps({"trial_data": [[trial, {}]]}))  # the newest snapshot is the one Tune restores
     lock = ExperimentLock(Location.of_experiment(experiment), "resume")
     with pytest.raises(RuntimeError, match="only under the experiment's lock"):
-        sweep._set_aside_orphan_trial_folders(Location.of_experiment(experiment), lock)
+        orphans.set_aside_orphan_trial_folders(Location.of_experiment(experiment), lock)
     lock.acquire()
     for copy, storage in enumerate((str(experiment), f"file://{experiment}")):  # the second: synced back
-        assert sweep._set_aside_orphan_trial_folders(Location.of_experiment(storage), lock) == ["run_trial_orphan_2"]
+        assert orphans.set_aside_orphan_trial_folders(Location.of_experiment(storage), lock) == ["run_trial_orphan_2"]
         assert sorted(p.name for p in experiment.iterdir() if p.is_dir()) == [
             "not_a_trial", ORPHANS_DIR, "run_trial_known_1"]
         kept = experiment / ORPHANS_DIR / ("run_trial_orphan_2" + (f".{copy}" if copy else ""))
@@ -353,7 +353,7 @@ def test_resume_sets_aside_trial_folders_the_last_snapshot_does_not_list(tmp_pat
         (experiment / "run_trial_orphan_2" / "params.json").write_text("{}")
         (experiment / "run_trial_orphan_2" / "result.json").write_text('{"step": 100}\n')
     (experiment / "experiment_state-2026-01-01_00-00-10.json").write_text('{"trial_data": [')  # half-written
-    assert sweep._set_aside_orphan_trial_folders(Location.of_experiment(experiment), lock) == []
+    assert orphans.set_aside_orphan_trial_folders(Location.of_experiment(experiment), lock) == []
     lock.release()
     assert (experiment / "run_trial_orphan_2").is_dir()
 
@@ -365,7 +365,7 @@ def test_resume_sets_aside_checkpoints_the_final_snapshot_does_not_mention(tmp_p
     from selmix_ray.ownership import ExperimentLock
     from selmix_ray.storage import Location
 
-    sweep = importlib.import_module("selmix_ray.sweep")
+    orphans = importlib.import_module("selmix_ray.orphans")
     experiment = tmp_path / "exp"
     for name in ("checkpoint_000000", "checkpoint_000001"):
         (experiment / "run_a" / name).mkdir(parents=True)
@@ -376,9 +376,9 @@ def test_resume_sets_aside_checkpoints_the_final_snapshot_does_not_mention(tmp_p
     location = Location.of_experiment(experiment)
     lock = ExperimentLock(location, "resume")
     with pytest.raises(RuntimeError, match="only under the experiment's lock"):
-        sweep._set_aside_unlisted_checkpoints(location, lock)
+        orphans.set_aside_unlisted_checkpoints(location, lock)
     with lock:
-        assert sweep._set_aside_unlisted_checkpoints(location, lock) == ["run_a/checkpoint_000001"]
+        assert orphans.set_aside_unlisted_checkpoints(location, lock) == ["run_a/checkpoint_000001"]
     assert sorted(p.name for p in (experiment / "run_a").iterdir()) == ["checkpoint_000000"]
     assert (experiment / ORPHANS_DIR / "run_a" / "checkpoint_000001" / "state").read_text() == "checkpoint_000001"
 
