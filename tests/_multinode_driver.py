@@ -25,8 +25,11 @@ SPACE = {
     "fixed": {"steps": 20000, "eval_every": 500},  # FIFO: no trial stops early, so a victim runs to 20000
 }
 NUM_SAMPLES = 6
-FIRST_RUNG = 16000  # a victim seen below this step still has seconds of steps left when its node dies
-REMOVE_AFTER_STEP = 1500  # the victim has checkpointed step 1000 (checkpoint_every=2)
+# The victim is chosen by its checkpoint folders on the shared storage (checkpoint_every=2: steps 0, 1000,
+# 2000, ...), which its worker writes itself as it goes: between 2 (step 1000 checkpointed) and 15 (about
+# 5000 steps, seconds, still to run). result.json was the signal before, but it reaches storage only with the
+# driver's snapshot uploads, which a loaded machine spaces out: a CI run saw no trial inside the window.
+MIN_CHECKPOINTS, MAX_CHECKPOINTS = 2, 15
 # Why FIFO and 20000 steps: a trial on digits runs about 0.6 ms a step here, so with ASHA (900-step trials
 # and a first rung at 100) the window the remover had, polling result.json, was a fraction of a second and
 # it missed it (no node removed) in loaded and in idle runs alike; this window is several seconds.
@@ -65,10 +68,11 @@ def main() -> None:
             time.sleep(0.1)
             running = {record["node"]: record for record in _records(fetch_log)}  # the last trial started there
             for record in running.values():
-                step = _last_step(Path(storage) / "multinode", record["trial"])
-                if record["node"] in workers and step is not None and REMOVE_AFTER_STEP <= step < FIRST_RUNG:
+                checkpoints = _checkpoints(Path(storage) / "multinode", record["trial"])
+                if record["node"] in workers and MIN_CHECKPOINTS <= checkpoints <= MAX_CHECKPOINTS:
                     cluster.remove_node(workers[record["node"]], allow_graceful=False)
-                    out["removed"] = {"node": record["node"], "trial": record["trial"], "step_seen": step}
+                    out["removed"] = {"node": record["node"], "trial": record["trial"],
+                                      "checkpoints_seen": checkpoints}
                     return
 
     remover = threading.Thread(target=remove_a_worker_mid_trial, daemon=True)
@@ -88,12 +92,9 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-def _last_step(experiment: Path, trial_id: str) -> int | None:
-    for result in experiment.glob(f"run_trial_{trial_id}_*/result.json"):
-        lines = [line for line in result.read_text().splitlines() if line.endswith("}")]
-        if lines:
-            return json.loads(lines[-1]).get("step")
-    return None
+def _checkpoints(experiment: Path, trial_id: str) -> int:
+    """How many checkpoint folders the trial has written to the shared storage so far."""
+    return sum(1 for _ in experiment.glob(f"run_trial_{trial_id}_*/checkpoint_*"))
 
 
 if __name__ == "__main__":
