@@ -174,6 +174,16 @@ def sweep_seed(seed: int, args) -> dict:
     return out
 
 
+def _t_interval(diff: np.ndarray) -> str:
+    """95% t interval of the mean of paired differences over seeds."""
+    from scipy import stats
+
+    if len(diff) < 2:
+        return "–"
+    half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+    return f"[{diff.mean() - half:+.3f}, {diff.mean() + half:+.3f}]"
+
+
 def print_sweep_table(results: list[dict], meta: dict) -> None:
     seeds = [r["seed"] for r in results]
     print(f"\nmnist rho=100 (n_max = {N_MAX}), default CNN, seeds {seeds[0]}-{seeds[-1]} ({len(seeds)} seeds), "
@@ -182,13 +192,14 @@ def print_sweep_table(results: list[dict], meta: dict) -> None:
           f"the selection rule ({results[0]['rows'][next(iter(SWEEP_ROWS))]['select']}) picks on validation; "
           "test metrics at its best validation report\n")
     print(f"| row | test min recall | test mean recall | min recall − {REFERENCE} (paired) | > / < | "
-          "picked: selmix / uniform_mixup, + post-hoc | picked report at step 0 |")
-    print("|---|---|---|---|---|---|---|")
+          "95% CI of the mean difference (t) | picked: selmix / uniform_mixup, + post-hoc | "
+          "picked report at step 0 |")
+    print("|---|---|---|---|---|---|---|---|")
     reference = np.array([r["reference"][REFERENCE]["min_recall"] for r in results])
     for name in BASELINES:
         mins = np.array([r["reference"][name]["min_recall"] for r in results])
         means = [r["reference"][name]["mean_recall"] for r in results]
-        print(f"| {name} | {_stats(mins)} | {_stats(means)} | | | | |")
+        print(f"| {name} | {_stats(mins)} | {_stats(means)} | | | | | |")
     for row in SWEEP_ROWS:
         picks = [r["rows"][row] for r in results]
         mins = np.array([p["min_recall"] for p in picks])
@@ -196,7 +207,7 @@ def print_sweep_table(results: list[dict], meta: dict) -> None:
         methods = [p["method"] for p in picks]
         print(f"| {row} | {_stats(mins)} | {_stats([p['mean_recall'] for p in picks])} | {diff.mean():+.3f} ± "
               f"{diff.std(ddof=1) if len(diff) > 1 else 0.0:.3f} | "
-              f"{int(np.sum(diff > 1e-9))} / {int(np.sum(diff < -1e-9))} | "
+              f"{int(np.sum(diff > 1e-9))} / {int(np.sum(diff < -1e-9))} | {_t_interval(diff)} | "
               f"{methods.count('selmix')} / {methods.count('uniform_mixup')}, "
               f"{sum(p['posthoc'] == 'class_weights' for p in picks)} | "
               f"{sum(p.get('best_step') == 0 for p in picks)} |")
@@ -205,7 +216,7 @@ def print_sweep_table(results: list[dict], meta: dict) -> None:
                          for r in results])
         print(f"\nsweep with the {pool} − sweep without (paired, min recall): {diff.mean():+.3f} ± "
               f"{diff.std(ddof=1) if len(diff) > 1 else 0.0:.3f} ({int(np.sum(diff > 1e-9))} > / "
-              f"{int(np.sum(diff < -1e-9))} <)")
+              f"{int(np.sum(diff < -1e-9))} <), 95% CI of the mean {_t_interval(diff)}")
 
 
 def run_sweeps(args) -> None:
