@@ -230,13 +230,8 @@ def run_sweeps(args) -> None:
     meta = {"mode": "sweep", "trials": args.sweep_trials, "steps": args.sweep_steps,
             "max_concurrent": args.max_concurrent, "threshold": args.threshold, "storage": str(args.storage)}
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    results, started = [], time.perf_counter()
-    for seed in args.seeds:
-        results.append(sweep_seed(seed, args))
-        print(f"seed {seed} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-        if args.out:
-            with open(args.out, "w") as handle:
-                json.dump({**meta, "results": results}, handle, indent=1)
+    started = time.perf_counter()
+    results = _each_seed(sweep_seed, args, meta)
     ray.shutdown()
     print_sweep_table(results, meta)
     print(f"\nwall time {time.perf_counter() - started:.0f} s")
@@ -278,6 +273,19 @@ def print_tables(results: list[dict], threshold: float) -> None:
                   f"{' '.join(f'{v:.2f}' for v in precision)} |")
 
 
+def _each_seed(run, args, meta: dict) -> list:
+    """``run(seed, args)`` for every seed, in order; ``meta`` plus the results so far go to ``args.out``
+    after each seed (a long run keeps what finished)."""
+    results, started = [], time.perf_counter()
+    for seed in args.seeds:
+        results.append(run(seed, args))
+        print(f"seed {seed} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+        if args.out:
+            with open(args.out, "w") as handle:
+                json.dump({**meta, "results": results}, handle, indent=1)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=parse_seeds, default=list(range(10)), help="e.g. 0-9 or 100-104")
@@ -304,13 +312,8 @@ def main() -> None:
     if args.sweep_trials:
         run_sweeps(args)
         return
-    results, started = [], time.perf_counter()
-    for seed in args.seeds:
-        results.append(run_seed(seed, args))
-        print(f"seed {seed} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-        if args.out:
-            with open(args.out, "w") as handle:
-                json.dump({"threshold": args.threshold, "results": results}, handle, indent=1)
+    started = time.perf_counter()
+    results = _each_seed(run_seed, args, {"threshold": args.threshold})
     print_tables(results, args.threshold)
     print(f"\nwall time {time.perf_counter() - started:.0f} s")
 
